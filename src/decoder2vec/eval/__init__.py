@@ -1,0 +1,1 @@
+"""Evaluation of an Encoder on local files, one task type per module."""

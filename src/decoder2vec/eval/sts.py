@@ -1,0 +1,92 @@
+"""Semantic textual similarity: Spearman and Pearson correlation (x100) of cosine similarity with gold scores.
+
+Files are TSVs with a header that names ``sentence1``, ``sentence2`` and ``score`` columns
+(STS-B and SICK-R as distributed in ``shared/data/sts``).
+
+Example::
+
+    from decoder2vec import Encoder
+    from decoder2vec.eval.sts import STSEvaluator, read_sts_tsv
+
+    pairs = read_sts_tsv("stsb_test.tsv")
+    print(STSEvaluator(pairs)(Encoder.from_pretrained("smollm2-135m")))  # {'spearman': ..., 'pearson': ...}
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+
+__all__ = ["STSEvaluator", "STSPairs", "read_sts_tsv"]
+
+
+@dataclass
+class STSPairs:
+    sentences1: list[str]
+    sentences2: list[str]
+    scores: list[float]
+
+
+def read_sts_tsv(path: str | Path) -> STSPairs:
+    """Read a TSV with a header naming ``sentence1``, ``sentence2`` and ``score``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"STS file {str(path)!r} not found")
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = {"sentence1", "sentence2", "score"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(
+                f"{path} lacks the column(s) {', '.join(sorted(missing))}; "
+                "an STS file needs a header with sentence1, sentence2 and score"
+            )
+        pairs = STSPairs([], [], [])
+        for line, row in enumerate(reader, start=2):
+            try:
+                score = float(row["score"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{line}: score {row['score']!r} is not a number") from None
+            pairs.sentences1.append(row["sentence1"])
+            pairs.sentences2.append(row["sentence2"])
+            pairs.scores.append(score)
+    if not pairs.scores:
+        raise ValueError(f"{path} has no rows")
+    return pairs
+
+
+def cosine_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.clip(np.linalg.norm(a, axis=1, keepdims=True), 1e-12, None)
+    b = b / np.clip(np.linalg.norm(b, axis=1, keepdims=True), 1e-12, None)
+    return (a * b).sum(axis=1)
+
+
+class STSEvaluator:
+    """Embeds both sides of every pair, scores them by cosine similarity, correlates with gold scores.
+
+    Returns ``{"spearman": ..., "pearson": ...}`` (x100); the primary metric is ``spearman``.
+    Each distinct sentence is embedded once.
+    """
+
+    primary_metric = "spearman"
+
+    def __init__(self, pairs: STSPairs, *, batch_size: int = 32, instruction: str | None = None):
+        self.pairs = pairs
+        self.batch_size = batch_size
+        self.instruction = instruction
+
+    def __call__(self, encoder) -> dict[str, float]:
+        unique = list(dict.fromkeys(self.pairs.sentences1 + self.pairs.sentences2))
+        index = {sentence: i for i, sentence in enumerate(unique)}
+        vectors = encoder.encode(unique, instruction=self.instruction, batch_size=self.batch_size)
+        first = vectors[[index[s] for s in self.pairs.sentences1]]
+        second = vectors[[index[s] for s in self.pairs.sentences2]]
+        predicted = cosine_scores(first, second)
+        gold = np.asarray(self.pairs.scores, dtype=np.float64)
+        return {
+            "spearman": float(spearmanr(predicted, gold).statistic) * 100,
+            "pearson": float(pearsonr(predicted, gold).statistic) * 100,
+        }

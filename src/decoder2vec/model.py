@@ -1,0 +1,300 @@
+"""The Encoder: a Hugging Face decoder with bidirectional attention (+ LoRA adapters) that embeds text.
+
+Read top to bottom: configuration, loading, one forward pass (tokenize -> backbone -> pool),
+then ``encode`` which batches texts by length and returns vectors in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import option, save_config
+from .attention import ARCHITECTURES, ArchitectureSupport, check_bidirectional, set_bidirectional
+from .inputs import TextInput, normalize_inputs, pad_batch, tokenize
+from .pooling import POOLING_MODES, pool
+from .sources import ModelSourceError, resolve_source
+
+__all__ = ["CONFIG_NAME", "Encoder", "EncoderConfig"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "decoder2vec_config.json"
+
+
+@dataclass
+class EncoderConfig:
+    """How an Encoder turns text into vectors. Saved as ``decoder2vec_config.json`` next to a model."""
+
+    pooling: str = option("mean", help="mean | weighted_mean | last_token | bos")
+    bidirectional: bool = option(True, help="drop the causal mask so every token sees the whole input")
+    max_length: int = option(512, help="longest input in tokens, instruction and special tokens included")
+    padding_side: str = option("right", help="left | right: where padding goes in a batch (results are the same)")
+    instruction_template: str = option("{instruction}: ", help="how an instruction is written before the text")
+    append_eos: bool | None = option(None, help="add the EOS token id after each text; default: only for last_token")
+    attn_implementation: str | None = option(None, help="eager | sdpa | flash_attention_2; default: sdpa if supported")
+
+    def __post_init__(self):
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(POOLING_MODES)}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {self.padding_side!r}")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2, not {self.max_length!r}")
+        if "{instruction}" not in self.instruction_template:
+            raise ValueError("instruction_template must contain '{instruction}'")
+
+    @property
+    def adds_eos(self) -> bool:
+        return self.pooling == "last_token" if self.append_eos is None else self.append_eos
+
+    def save(self, folder: str | os.PathLike) -> None:
+        save_config(self, Path(folder) / CONFIG_NAME)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> EncoderConfig | None:
+        path = Path(folder) / CONFIG_NAME
+        if not path.is_file():
+            return None
+        known = {f.name for f in fields(cls)}
+        data = json.loads(path.read_text())
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class Encoder(torch.nn.Module):
+    """A decoder-only language model used as a text encoder.
+
+    Example::
+
+        encoder = Encoder.from_pretrained("smollm2-135m", pooling="mean")
+        vectors = encoder.encode(["A cat sits.", "A dog runs."], normalize=True)  # (2, 576) numpy
+    """
+
+    def __init__(self, model, tokenizer, config: EncoderConfig, source: str = ""):
+        super().__init__()
+        self.model = model  # a *ForCausalLM (maybe PEFT-wrapped); its LM head is only used by MNTP training
+        self.tokenizer = tokenizer
+        self.config = config
+        self.source = source
+        set_bidirectional(self.model, config.bidirectional)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike = "smollm2-135m",
+        *,
+        pooling: str | None = None,
+        bidirectional: bool | None = None,
+        adapter: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        max_length: int | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **config_overrides,
+    ) -> Encoder:
+        """Load an encoder from a model folder, a hub id, a ``.gguf`` file or a short name.
+
+        Settings not given here come from the folder's ``decoder2vec_config.json`` when it has one,
+        else from :class:`EncoderConfig`'s defaults. ``adapter`` is a PEFT LoRA folder, or a list of
+        them: all but the last are merged into the base weights, the last stays a live adapter.
+        """
+        resolved = resolve_source(source)
+        saved = EncoderConfig.load(resolved) if Path(resolved).is_dir() else None
+        settings = asdict(saved) if saved else {}
+        given = {"pooling": pooling, "bidirectional": bidirectional, "max_length": max_length, **config_overrides}
+        settings.update({k: v for k, v in given.items() if v is not None})
+        config = EncoderConfig(**settings)
+
+        device = torch.device(device) if device is not None else _default_device()
+        torch_dtype = _resolve_dtype(dtype, device)
+        model, tokenizer = _load_model(resolved, source, torch_dtype, config.attn_implementation)
+        for path in _adapter_list(adapter):
+            model = _attach_adapter(model, path)
+        encoder = cls(model.to(device), tokenizer, config, source=os.fspath(source))
+        encoder.verify_attention()
+        return encoder.eval()
+
+    def verify_attention(self) -> None:
+        """Prove the model is bidirectional (or causal) as configured; raise otherwise."""
+        check_bidirectional(self.backbone, self.model.config, self.config.bidirectional, self.device)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The decoder stack without the LM head (LoRA layers, when present, are inside it)."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return model.base_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return candidate
+        return 0
+
+    # ------------------------------------------------------------------ one forward pass
+    def tokenize(self, texts: Sequence[TextInput], instruction: str | None = None):
+        """(instruction, text) pairs -> per-text token ids and pooled-token masks."""
+        pairs = normalize_inputs(texts, instruction)
+        return tokenize(
+            self.tokenizer,
+            pairs,
+            max_length=self.config.max_length,
+            instruction_template=self.config.instruction_template,
+            append_eos=self.config.adds_eos,
+        )
+
+    def collate(self, features) -> dict[str, torch.Tensor]:
+        return pad_batch(features, pad_id=self.pad_token_id, padding_side=self.config.padding_side, device=self.device)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A padded batch (from :meth:`collate`) -> pooled vectors (batch, dim), float32, with gradients."""
+        hidden = self.backbone(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).last_hidden_state  # (batch, seq, dim)
+        return pool(hidden.float(), batch["attention_mask"], batch["pool_mask"], self.config.pooling)
+
+    # ------------------------------------------------------------------ encode
+    def encode(
+        self,
+        texts: Sequence[TextInput],
+        *,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        normalize: bool = False,
+        convert_to: str = "numpy",
+        show_progress: bool | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed ``texts`` (strings, or (instruction, text) pairs) into a (len(texts), dim) array.
+
+        ``instruction`` applies to every plain string; the model reads it but pooling skips it.
+        Inputs are batched by length (longest first) and the result is in input order.
+        """
+        if convert_to not in ("numpy", "torch"):
+            raise ValueError(f"convert_to must be 'numpy' or 'torch', not {convert_to!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        features = self.tokenize(texts, instruction)
+        out = torch.empty(len(features), self.dim, dtype=torch.float32)
+        order = sorted(range(len(features)), key=lambda i: -len(features[i].input_ids))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if show_progress is None:
+            show_progress = len(batches) > 8
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for index in tqdm(batches, desc="encode", unit="batch", disable=not show_progress):
+                    vectors = self(self.collate([features[i] for i in index]))
+                    out[index] = vectors.cpu()
+        finally:
+            self.train(was_training)
+        if normalize:
+            out = torch.nn.functional.normalize(out, dim=-1)
+        return out.numpy() if convert_to == "numpy" else out
+
+    # ------------------------------------------------------------------ saving
+    def save_config(self, folder: str | os.PathLike) -> None:
+        self.config.save(folder)
+
+
+# ---------------------------------------------------------------------- helpers
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    names.update({"float16": torch.float16, "fp16": torch.float16})
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(names)}")
+    return names[dtype]
+
+
+def _load_model(resolved: str, source, dtype: torch.dtype, attn_implementation: str | None):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        hf_config = AutoConfig.from_pretrained(resolved)
+    except Exception as error:
+        raise ModelSourceError(
+            f"cannot read the model configuration of {source!r} ({type(error).__name__}: {error}). "
+            "For a folder, check config.json; for a hub id, check the name and your network (HF_HUB_OFFLINE)."
+        ) from error
+    model_type = getattr(hf_config, "model_type", "?")
+    support = ARCHITECTURES.get(model_type, ArchitectureSupport())
+    if attn_implementation is None:
+        attn_implementation = "sdpa" if "sdpa" in support.attention_implementations else "eager"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation=attn_implementation)
+    except ValueError as error:
+        if "Unrecognized configuration" in str(error) or "does not support" in str(error):
+            raise ModelSourceError(
+                f"architecture {model_type!r} of {source!r} cannot be loaded as a decoder-only model "
+                f"with attention {attn_implementation!r} ({error}). Supported and tested: {', '.join(sorted(ARCHITECTURES))}."
+            ) from error
+        raise
+    except OSError as error:
+        raise ModelSourceError(
+            f"cannot load the weights or tokenizer of {source!r} ({type(error).__name__}: {error}). "
+            "The files may be missing, truncated or corrupt: download or export the model again."
+        ) from error
+    except Exception as error:  # safetensors raises its own error type on corrupt files
+        if type(error).__name__ == "SafetensorError":
+            raise ModelSourceError(
+                f"the safetensors weights of {source!r} are corrupt or truncated ({error}). "
+                "Download or export the model again."
+            ) from error
+        raise
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelSourceError(
+            f"the tokenizer of {source!r} is not a fast (Rust) tokenizer; decoder2vec needs token offsets. "
+            "Save the model with a tokenizer.json."
+        )
+    return model, tokenizer
+
+
+def _adapter_list(adapter) -> list[str]:
+    if adapter is None:
+        return []
+    if isinstance(adapter, str | os.PathLike):
+        return [os.fspath(adapter)]
+    return [os.fspath(a) for a in adapter]
+
+
+def _attach_adapter(model, path: str):
+    """Merge any live adapter into the base weights, then load ``path`` as a new live LoRA adapter."""
+    from peft import PeftModel
+
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise ModelSourceError(f"adapter folder {path!r} has no adapter_config.json; pass a PEFT adapter folder")
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    return PeftModel.from_pretrained(model, path)

@@ -4,6 +4,7 @@ The model reads ``instruction_template.format(instruction=...)`` followed by the
 tokens belong to the text is decided from the tokenizer's character offsets: a token is pooled
 when its character span overlaps the text's span. Nothing is inserted into the text and nothing
 is searched for inside it, so any text (with separators, markup, emoji, control characters) works.
+Special-token strings typed inside a text (``</s>``, ``<|im_end|>``) are read as plain text.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def tokenize(
     most ``max_length`` tokens. With ``append_eos`` the tokenizer's EOS token id (never its text) is
     added after the text, so ``last_token`` pooling reads a real EOS.
     """
+    if not pairs:
+        return []
     prefixes = [instruction_template.format(instruction=inst) if inst else "" for inst, _ in pairs]
     fulls = [prefix + text for prefix, (_, text) in zip(prefixes, pairs)]
     eos = tokenizer.eos_token_id if append_eos else None
@@ -70,6 +73,7 @@ def tokenize(
         max_length=budget,
         return_offsets_mapping=True,
         return_attention_mask=False,
+        split_special_tokens=True,  # "</s>" typed inside a text is text, not an EOS token
     )
     features = []
     for prefix, ids, offsets in zip(prefixes, encoded["input_ids"], encoded["offset_mapping"]):

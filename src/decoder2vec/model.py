@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 from .config import option, save_config
 from .attention import ARCHITECTURES, ArchitectureSupport, check_bidirectional, set_bidirectional
 from .inputs import TextInput, normalize_inputs, pad_batch, tokenize
+from .llm2vec_compat import detect_llm2vec_checkpoint
 from .pooling import POOLING_MODES, pool
 from .sources import ModelSourceError, resolve_source
+from .vectors import check_precision, postprocess, truncate
 
 __all__ = ["CONFIG_NAME", "Encoder", "EncoderConfig"]
 
@@ -41,6 +43,8 @@ class EncoderConfig:
     instruction_template: str = option("{instruction}: ", help="how an instruction is written before the text")
     append_eos: bool | None = option(None, help="add the EOS token id after each text; default: only for last_token")
     attn_implementation: str | None = option(None, help="eager | sdpa | flash_attention_2; default: sdpa if supported")
+    query_instruction: str | None = option(None, help="default instruction for queries (server, exports, model card)")
+    document_instruction: str | None = option(None, help="default instruction for documents; usually none")
 
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
@@ -109,6 +113,10 @@ class Encoder(torch.nn.Module):
         resolved = resolve_source(source)
         saved = EncoderConfig.load(resolved) if Path(resolved).is_dir() else None
         settings = asdict(saved) if saved else {}
+        llm2vec = detect_llm2vec_checkpoint(resolved, _adapter_list(adapter))
+        if llm2vec is not None:  # base folder with an MNTP adapter to merge, pooling from llm2vec_config.json
+            settings = {**llm2vec.settings, **settings}
+            resolved, adapter = llm2vec.base_folder, llm2vec.adapters
         given = {"pooling": pooling, "bidirectional": bidirectional, "max_length": max_length, **config_overrides}
         settings.update({k: v for k, v in given.items() if v is not None})
         config = EncoderConfig(**settings)
@@ -184,12 +192,19 @@ class Encoder(torch.nn.Module):
         normalize: bool = False,
         convert_to: str = "numpy",
         show_progress: bool | None = None,
+        dimensions: int | None = None,
+        precision: str = "float32",
     ) -> np.ndarray | torch.Tensor:
         """Embed ``texts`` (strings, or (instruction, text) pairs) into a (len(texts), dim) array.
 
         ``instruction`` applies to every plain string; the model reads it but pooling skips it.
         Inputs are batched by length (longest first) and the result is in input order.
+        ``dimensions`` keeps the first values of each vector (Matryoshka; normalized after truncation),
+        ``precision`` is float32 | int8 | uint8 | binary (see :mod:`decoder2vec.vectors`).
         """
+        check_precision(precision)
+        if dimensions is not None:
+            truncate(torch.empty(0, self.dim), dimensions)  # validate before the work
         if convert_to not in ("numpy", "torch"):
             raise ValueError(f"convert_to must be 'numpy' or 'torch', not {convert_to!r}")
         if batch_size < 1:
@@ -209,9 +224,7 @@ class Encoder(torch.nn.Module):
                     out[index] = vectors.cpu()
         finally:
             self.train(was_training)
-        if normalize:
-            out = torch.nn.functional.normalize(out, dim=-1)
-        return out.numpy() if convert_to == "numpy" else out
+        return postprocess(out, normalize=normalize, dimensions=dimensions, precision=precision, convert_to=convert_to)
 
     # ------------------------------------------------------------------ saving
     def save_config(self, folder: str | os.PathLike) -> None:

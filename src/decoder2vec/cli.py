@@ -19,6 +19,9 @@ __all__ = ["main"]
 # Modules that add sub-commands; each defines `register(subparsers)`.
 COMMAND_MODULES = [
     "decoder2vec.cli",
+    "decoder2vec.export",
+    "decoder2vec.eval.cli",
+    "decoder2vec.train.cli",
 ]
 
 
@@ -70,21 +73,16 @@ def _encode(args: argparse.Namespace) -> None:
     texts = read_lines(args.input)
     encoder = load_encoder(args)
     vectors = encoder.encode(
-        texts, instruction=args.instruction, batch_size=args.batch_size, normalize=args.normalize, show_progress=True
+        texts,
+        instruction=args.instruction,
+        batch_size=args.batch_size,
+        normalize=args.normalize,
+        show_progress=True,
+        dimensions=args.dimensions,
+        precision=args.precision,
     )
     write_npy_atomic(args.output, vectors)
     print(json.dumps({"texts": len(texts), "dim": int(vectors.shape[1]), "output": str(args.output)}))
-
-
-def _eval_sts(args: argparse.Namespace) -> None:
-    from .eval.sts import STSEvaluator, read_sts_tsv
-
-    pairs = read_sts_tsv(args.data)
-    encoder = load_encoder(args)
-    scores = STSEvaluator(pairs, batch_size=args.batch_size, instruction=args.instruction)(encoder)
-    print(f"STS {args.data}: Spearman {scores['spearman']:.2f}  Pearson {scores['pearson']:.2f}  (x100, cosine)")
-    print(json.dumps({"task": "sts", "data": str(args.data), "model": args.model, "pooling": encoder.config.pooling,
-                      "bidirectional": encoder.config.bidirectional, **scores}))
 
 
 def register(subparsers) -> None:
@@ -94,18 +92,12 @@ def register(subparsers) -> None:
     encode.add_argument("--instruction", default=None, help="instruction the model reads before every text")
     encode.add_argument("--batch-size", type=int, default=32)
     encode.add_argument("--normalize", action="store_true", help="L2-normalize the vectors")
+    encode.add_argument("--dimensions", type=int, default=None, help="keep the first N values (Matryoshka)")
+    encode.add_argument(
+        "--precision", default="float32", help="float32 | int8 | uint8 | binary (packed bits), see vectors.py"
+    )
     add_model_arguments(encode)
     encode.set_defaults(handler=_encode)
-
-    evaluate = subparsers.add_parser("eval", help="evaluate an encoder")
-    tasks = evaluate.add_subparsers(dest="eval_command", metavar="TASK")
-    sts = tasks.add_parser("sts", help="Spearman/Pearson x100 of cosine similarity on an STS TSV")
-    sts.add_argument("--data", required=True, help="TSV with sentence1, sentence2, score columns")
-    sts.add_argument("--instruction", default=None, help="instruction for both sentences of a pair")
-    sts.add_argument("--batch-size", type=int, default=32)
-    add_model_arguments(sts)
-    sts.set_defaults(handler=_eval_sts)
-    evaluate.set_defaults(handler=lambda args: evaluate.print_help(), _eval_parser=evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """Semantic textual similarity: Spearman and Pearson correlation (x100) of cosine similarity with gold scores.
 
+Both sentences of a pair are treated alike (a symmetric task): an instruction, when given, goes before each.
 Files are TSVs with a header that names ``sentence1``, ``sentence2`` and ``score`` columns
 (STS-B and SICK-R as distributed in ``shared/data/sts``).
 
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
+from .common import cosine_scores, embed, require_file
+
 __all__ = ["STSEvaluator", "STSPairs", "read_sts_tsv"]
 
 
@@ -33,9 +36,7 @@ class STSPairs:
 
 def read_sts_tsv(path: str | Path) -> STSPairs:
     """Read a TSV with a header naming ``sentence1``, ``sentence2`` and ``score``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"STS file {str(path)!r} not found")
+    path = require_file(path, "STS file")
     with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = {"sentence1", "sentence2", "score"} - set(reader.fieldnames or [])
@@ -58,30 +59,42 @@ def read_sts_tsv(path: str | Path) -> STSPairs:
     return pairs
 
 
-def cosine_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.clip(np.linalg.norm(a, axis=1, keepdims=True), 1e-12, None)
-    b = b / np.clip(np.linalg.norm(b, axis=1, keepdims=True), 1e-12, None)
-    return (a * b).sum(axis=1)
-
-
 class STSEvaluator:
     """Embeds both sides of every pair, scores them by cosine similarity, correlates with gold scores.
 
+    Inputs: :class:`STSPairs` (from :func:`read_sts_tsv`), and at call time anything with an ``encode`` method.
     Returns ``{"spearman": ..., "pearson": ...}`` (x100); the primary metric is ``spearman``.
-    Each distinct sentence is embedded once.
+    Each distinct sentence is embedded once; ``instruction`` goes before every sentence.
+
+    Example::
+
+        pairs = STSPairs(["A cat.", "A car."], ["A kitten.", "A tree."], [5.0, 0.5])
+        STSEvaluator(pairs)(encoder)  # {'spearman': 100.0, 'pearson': 100.0} for a sensible encoder
     """
 
     primary_metric = "spearman"
 
-    def __init__(self, pairs: STSPairs, *, batch_size: int = 32, instruction: str | None = None):
+    def __init__(
+        self,
+        pairs: STSPairs,
+        *,
+        batch_size: int = 32,
+        instruction: str | None = None,
+        show_progress: bool | None = None,
+    ):
+        if len(pairs.scores) < 2:
+            raise ValueError(f"an STS evaluation needs at least 2 pairs to correlate, got {len(pairs.scores)}")
         self.pairs = pairs
         self.batch_size = batch_size
         self.instruction = instruction
+        self.show_progress = show_progress
 
     def __call__(self, encoder) -> dict[str, float]:
         unique = list(dict.fromkeys(self.pairs.sentences1 + self.pairs.sentences2))
         index = {sentence: i for i, sentence in enumerate(unique)}
-        vectors = encoder.encode(unique, instruction=self.instruction, batch_size=self.batch_size)
+        vectors = embed(
+            encoder, unique, instruction=self.instruction, batch_size=self.batch_size, show_progress=self.show_progress
+        )
         first = vectors[[index[s] for s in self.pairs.sentences1]]
         second = vectors[[index[s] for s in self.pairs.sentences2]]
         predicted = cosine_scores(first, second)

@@ -294,12 +294,42 @@ def _load_model(resolved: str, source, dtype: torch.dtype, attn_implementation: 
     return model, tokenizer
 
 
+STACK_NAME = "decoder2vec_stack.json"  # in an adapter folder: earlier adapters it was trained on, merged first
+
+
 def _adapter_list(adapter) -> list[str]:
     if adapter is None:
         return []
-    if isinstance(adapter, str | os.PathLike):
-        return [os.fspath(adapter)]
-    return [os.fspath(a) for a in adapter]
+    paths = [os.fspath(adapter)] if isinstance(adapter, str | os.PathLike) else [os.fspath(a) for a in adapter]
+    expanded, seen = [], set()
+    for path in (full for p in paths for full in _with_stack(p)):
+        fingerprint = _adapter_fingerprint(path)
+        if fingerprint not in seen:  # an earlier stage listed both by the user and in a stack file
+            seen.add(fingerprint)
+            expanded.append(path)
+    return expanded
+
+
+def _with_stack(path: str) -> list[str]:
+    """``path`` preceded by the adapters its ``decoder2vec_stack.json`` lists (relative to ``path``)."""
+    stack = Path(path) / STACK_NAME
+    if not stack.is_file():
+        return [path]
+    earlier = json.loads(stack.read_text()).get("merge_first", [])
+    return [full for e in earlier for full in _with_stack(os.fspath(Path(path) / e))] + [path]
+
+
+def _adapter_fingerprint(path: str) -> str:
+    import hashlib
+
+    weights = Path(path) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return os.path.realpath(path)
+    digest = hashlib.sha256()
+    with weights.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _attach_adapter(model, path: str):
@@ -310,4 +340,8 @@ def _attach_adapter(model, path: str):
         raise ModelSourceError(f"adapter folder {path!r} has no adapter_config.json; pass a PEFT adapter folder")
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    return PeftModel.from_pretrained(model, path)
+    import warnings
+
+    with warnings.catch_warnings():  # peft reads `is_gradient_checkpointing`, which transformers 5 deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return PeftModel.from_pretrained(model, path)

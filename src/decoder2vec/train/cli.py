@@ -1,0 +1,153 @@
+"""``decoder2vec train mntp|simcse|supervised`` and ``decoder2vec pipeline`` (MNTP then SimCSE, with STS-B).
+
+Every stage option comes from the stage's config dataclass: ``--config FILE`` (YAML or JSON) gives a
+base, ``--field-name value`` options override it. The pipeline runs the measured small-CPU recipe on
+the shared data and prints STS-B test Spearman before and after each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from ..config import add_arguments, load_config
+from .config import STAGES, MNTPConfig, SimCSEConfig
+
+__all__ = ["register"]
+
+DEFAULT_DATA = os.environ.get("DECODER2VEC_DATA", os.path.join("..", "shared", "data"))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .run import train
+
+    cls = STAGES[args.stage]
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None
+    }
+    config = load_config(cls, args.config, **overrides)
+    result = train(config)
+    last = result.log[-1] if result.log else {}
+    print(
+        json.dumps(
+            {
+                "stage": args.stage,
+                "run_dir": str(result.run_dir),
+                "steps": last.get("step", 0),
+                "final_loss": last.get("loss"),
+                "seconds": last.get("seconds"),
+            }
+        )
+    )
+
+
+def _sts(encoder, pairs, label: str, results: dict) -> None:
+    from ..eval.sts import STSEvaluator
+
+    start = time.perf_counter()
+    score = STSEvaluator(pairs, batch_size=32)(encoder)["spearman"]
+    results[label] = round(score, 2)
+    print(f"STS-B test Spearman {label:<24} {score:6.2f}   ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def _pipeline(args: argparse.Namespace) -> None:
+    from ..eval.sts import STSPairs, read_sts_tsv
+    from ..model import Encoder
+    from .run import train
+
+    data = Path(args.data_dir)
+    files = {
+        "mntp": data / "text" / "wikitext2_valid.tokens",
+        "simcse": data / "text" / "wiki_sentences.txt",
+        "sts": data / "sts" / "stsb_test.tsv",
+    }
+    for path in files.values():
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found; pass --data-dir (the shared data folder) or set DECODER2VEC_DATA"
+            )
+    pairs = read_sts_tsv(files["sts"])
+    if args.eval_pairs:
+        pairs = STSPairs(
+            pairs.sentences1[: args.eval_pairs], pairs.sentences2[: args.eval_pairs], pairs.scores[: args.eval_pairs]
+        )
+    output = Path(args.output_dir)
+    start = time.perf_counter()
+    results: dict = {"model": args.model}
+    common = {"model": args.model, "resume": args.resume, "progress": not args.no_progress}
+
+    if args.causal_baseline:
+        _sts(Encoder.from_pretrained(args.model, bidirectional=False), pairs, "untrained causal", results)
+    _sts(Encoder.from_pretrained(args.model), pairs, "untrained bidirectional", results)
+
+    mntp = MNTPConfig(**common, data=[str(files["mntp"])], output_dir=str(output / "mntp"), **_given(args, "mntp"))
+    print(
+        f"MNTP: {mntp.steps} steps x batch {mntp.batch_size} x {mntp.max_seq_length} tokens, lr {mntp.learning_rate}",
+        flush=True,
+    )
+    encoder = train(mntp).encoder
+    _sts(encoder, pairs, "after MNTP", results)
+    del encoder
+
+    simcse = SimCSEConfig(
+        **common,
+        data=[str(files["simcse"])],
+        adapter=[mntp.output_dir],
+        output_dir=str(output / "simcse"),
+        **_given(args, "simcse"),
+    )
+    print(
+        f"SimCSE: {simcse.steps} steps x batch {simcse.batch_size} x {simcse.max_seq_length} tokens, "
+        f"lr {simcse.learning_rate}",
+        flush=True,
+    )
+    encoder = train(simcse).encoder
+    _sts(encoder, pairs, "after MNTP + SimCSE", results)
+
+    results["minutes"] = round((time.perf_counter() - start) / 60, 1)
+    results["recipe"] = {"mntp": dataclasses.asdict(mntp), "simcse": dataclasses.asdict(simcse)}
+    (output / "pipeline_results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(
+        f"done in {results['minutes']} min; load with Encoder.from_pretrained({args.model!r}, adapter={str(output / 'simcse')!r})"
+    )
+
+
+def _given(args: argparse.Namespace, stage: str) -> dict:
+    names = {"steps": "steps", "lr": "learning_rate", "batch_size": "batch_size", "max_seq_length": "max_seq_length"}
+    return {
+        field: getattr(args, f"{stage}_{name}")
+        for name, field in names.items()
+        if getattr(args, f"{stage}_{name}") is not None
+    }
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train a stage: mntp | simcse | supervised")
+    stages = train.add_subparsers(dest="stage", metavar="STAGE")
+    for name, cls in STAGES.items():
+        parser = stages.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0])
+        parser.add_argument(
+            "--config", default=None, help="YAML or JSON file of options; command-line options override it"
+        )
+        add_arguments(parser, cls)
+        parser.set_defaults(handler=_train)
+    train.set_defaults(handler=lambda args: train.print_help())
+
+    pipeline = subparsers.add_parser("pipeline", help="MNTP then SimCSE on the shared data, STS-B before and after")
+    pipeline.add_argument("--model", default="smollm2-135m", help="base model (default: the embedded SmolLM2-135M)")
+    pipeline.add_argument("--data-dir", default=DEFAULT_DATA, help="shared data folder with text/ and sts/")
+    pipeline.add_argument("--output-dir", default="runs/pipeline", help="where the mntp/ and simcse/ runs go")
+    pipeline.add_argument("--causal-baseline", action="store_true", help="also score the untrained causal model")
+    pipeline.add_argument("--eval-pairs", type=int, default=None, help="score only the first N STS-B test pairs")
+    pipeline.add_argument("--resume", action="store_true", help="continue interrupted runs in output-dir")
+    pipeline.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for stage in ("mntp", "simcse"):
+        pipeline.add_argument(f"--{stage}-steps", type=int, default=None, help=f"{stage} optimizer steps")
+        pipeline.add_argument(f"--{stage}-lr", type=float, default=None, help=f"{stage} learning rate")
+        pipeline.add_argument(f"--{stage}-batch-size", type=int, default=None, help=f"{stage} batch size")
+        pipeline.add_argument(f"--{stage}-max-seq-length", type=int, default=None, help=f"{stage} tokens per sequence")
+    pipeline.set_defaults(handler=_pipeline)

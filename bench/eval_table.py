@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--tasks", default="stsb,sickr,trec,mrpc")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None, help="a seeded sample of N examples per file")
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--name", default="smollm2", help="file name stem of the outputs")
     args = parser.parse_args()
@@ -49,6 +50,7 @@ def main() -> int:
             specs,
             data_dir=data_dir,
             batch_size=args.batch_size,
+            limit=args.limit,
             log=lambda line, mode=mode: print(f"[{mode}] {line}", file=sys.stderr, flush=True),
         )
         write_report(reports[mode], output_dir / f"eval_{args.name}_{mode}.json")
@@ -58,7 +60,12 @@ def main() -> int:
     lines = [
         f"# {args.model}, untrained, {args.pooling} pooling, fp32, CPU: causal vs bidirectional",
         "",
-        f"Command: `python bench/eval_table.py --model {args.model} --tasks {args.tasks}`; data: `{data_dir}`.",
+        f"Command: `python bench/eval_table.py --model {args.model} --tasks {args.tasks}"
+        + (f" --limit {args.limit}`" if args.limit else "`")
+        + f"; data: `{data_dir}`.",
+        f"Sample: {args.limit} examples per file (seeded; train and test alike), not the full sets."
+        if args.limit
+        else "Full test sets.",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {versions['torch']} "
         f"({torch.get_num_threads()} threads), transformers {versions['transformers']}, "
         f"scikit-learn {versions['scikit-learn']}.",

@@ -50,6 +50,7 @@ def _run_report(args: argparse.Namespace) -> None:
         data_dir=data_dir,
         instruction=args.instruction,
         batch_size=args.batch_size,
+        limit=args.limit,
         adapter=args.adapter,
         log=_log,
     )
@@ -121,6 +122,9 @@ def register(subparsers) -> None:
         "--instruction", default=None, help="replaces every task's default query instruction ('' runs without one)"
     )
     evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument(
+        "--limit", type=int, default=None, help="quick run: a seeded sample of N examples per file (not comparable)"
+    )
     evaluate.add_argument("-o", "--output", default=None, help="report JSON path (default: eval_MODEL_TIME.json)")
     add_model_arguments(evaluate)
     evaluate.set_defaults(handler=_run_report)

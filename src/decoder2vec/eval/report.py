@@ -52,13 +52,15 @@ def run_tasks(
     data_dir: str | Path | None = None,
     instruction: str | None = None,
     batch_size: int = 32,
+    limit: int | None = None,
     adapter: Sequence[str] | str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Evaluate ``encoder`` on every task of ``specs`` in order; returns the report (a JSON-ready dict).
 
-    ``instruction`` replaces every task's default query instruction ("" runs without one); ``log`` gets a line
-    per finished task.
+    ``instruction`` replaces every task's default query instruction ("" runs without one); ``limit`` evaluates a
+    seeded sample of that many examples per file (see :func:`~decoder2vec.eval.tasks.build_evaluator`); ``log``
+    gets a line per finished task.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     config = getattr(encoder, "config", None)
@@ -74,13 +76,14 @@ def run_tasks(
         "encoder_config": config,
         "instruction_override": instruction,
         "data_dir": str(data_dir),
+        "limit": limit,
         "versions": library_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tasks": [],
     }
     for spec in specs:
         start = time.perf_counter()
-        evaluator = build_evaluator(spec, data_dir, instruction=instruction, batch_size=batch_size)
+        evaluator = build_evaluator(spec, data_dir, instruction=instruction, batch_size=batch_size, limit=limit)
         metrics = evaluator(encoder)
         seconds = time.perf_counter() - start
         main_metric = getattr(evaluator, "primary_metric", TASK_TYPES[spec.type].main_metric)
@@ -127,7 +130,8 @@ def read_report(path: str | Path) -> dict:
 def _describe(report: dict) -> str:
     mode = {True: "bidirectional", False: "causal"}.get(report.get("bidirectional"), "?")
     adapter = f" + {', '.join(report['adapter'])}" if report.get("adapter") else ""
-    return f"{report.get('model')}{adapter} ({report.get('pooling')} pooling, {mode})"
+    sample = f", {report['limit']} examples per file" if report.get("limit") else ""
+    return f"{report.get('model')}{adapter} ({report.get('pooling')} pooling, {mode}{sample})"
 
 
 def markdown_table(report: dict) -> str:

@@ -44,6 +44,7 @@ __all__ = [
     "register_task",
     "register_task_type",
     "resolve_tasks",
+    "subsample",
 ]
 
 
@@ -81,49 +82,78 @@ class TaskType:
     """How to evaluate one kind of task: the files it needs (in order) and how to build its evaluator."""
 
     roles: tuple[str, ...]
-    build: Callable[..., Any]  # (paths: dict[role, Path], spec, instruction, batch_size) -> evaluator
+    build: Callable[..., Any]  # (paths: dict[role, Path], spec, instruction, batch_size, limit) -> evaluator
     main_metric: str
     description: str = ""
 
 
-def _build_sts(paths, spec, instruction, batch_size):
+def subsample(data, limit: int | None, seed: int = 0):
+    """A seeded random ``limit`` examples of ``data`` (in file order), for quick runs; ``data`` when None.
+
+    ``data`` is a dataclass whose list fields run in parallel (STSPairs, LabelledTexts, LabelledPairs), or
+    RetrievalData, whose judged queries are sampled (the corpus stays whole).
+    """
+    if limit is None:
+        return data
+    if limit < 1:
+        raise ValueError(f"limit must be a positive number of examples, not {limit}")
+    if hasattr(data, "qrels"):
+        query_ids = list(data.qrels)
+        keep = [query_ids[i] for i in _sample_indices(len(query_ids), limit, seed)]
+        return dataclasses.replace(data, qrels={q: data.qrels[q] for q in keep})
+    columns = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
+    size = len(next(iter(columns.values())))
+    indices = _sample_indices(size, limit, seed)
+    return dataclasses.replace(data, **{name: [values[i] for i in indices] for name, values in columns.items()})
+
+
+def _sample_indices(size: int, limit: int, seed: int) -> list[int]:
+    import numpy as np
+
+    if limit >= size:
+        return list(range(size))
+    return sorted(np.random.default_rng(seed).choice(size, limit, replace=False).tolist())
+
+
+def _build_sts(paths, spec, instruction, batch_size, limit):
     from .sts import STSEvaluator, read_sts_tsv
 
-    return STSEvaluator(read_sts_tsv(paths["test"]), instruction=instruction, batch_size=batch_size, **spec.options)
+    pairs = subsample(read_sts_tsv(paths["test"]), limit)
+    return STSEvaluator(pairs, instruction=instruction, batch_size=batch_size, **spec.options)
 
 
-def _build_retrieval(paths, spec, instruction, batch_size):
+def _build_retrieval(paths, spec, instruction, batch_size, limit):
     from .retrieval import RetrievalEvaluator, read_beir_folder
 
     options = dict(spec.options)
-    data = read_beir_folder(paths["folder"], split=options.pop("split", "test"))
+    data = subsample(read_beir_folder(paths["folder"], split=options.pop("split", "test")), limit)
     return RetrievalEvaluator(data, query_instruction=instruction, batch_size=batch_size, **options)
 
 
-def _read_labelled(path, spec):
+def _read_labelled(path, spec, limit):
     from .classification import read_labelled_texts
 
-    return read_labelled_texts(path, format=spec.format, encoding=spec.encoding)
+    return subsample(read_labelled_texts(path, format=spec.format, encoding=spec.encoding), limit)
 
 
-def _build_classification(paths, spec, instruction, batch_size):
+def _build_classification(paths, spec, instruction, batch_size, limit):
     from .classification import ClassificationEvaluator
 
-    train, test = _read_labelled(paths["train"], spec), _read_labelled(paths["test"], spec)
+    train, test = _read_labelled(paths["train"], spec, limit), _read_labelled(paths["test"], spec, limit)
     return ClassificationEvaluator(train, test, instruction=instruction, batch_size=batch_size, **spec.options)
 
 
-def _build_clustering(paths, spec, instruction, batch_size):
+def _build_clustering(paths, spec, instruction, batch_size, limit):
     from .clustering import ClusteringEvaluator
 
-    data = _read_labelled(paths["test"], spec)
+    data = _read_labelled(paths["test"], spec, limit)
     return ClusteringEvaluator(data, instruction=instruction, batch_size=batch_size, **spec.options)
 
 
-def _build_pairs(paths, spec, instruction, batch_size):
+def _build_pairs(paths, spec, instruction, batch_size, limit):
     from .pairs import PairClassificationEvaluator, read_pairs_tsv
 
-    pairs = read_pairs_tsv(paths["test"], encoding=spec.encoding)
+    pairs = subsample(read_pairs_tsv(paths["test"], encoding=spec.encoding), limit)
     return PairClassificationEvaluator(pairs, instruction=instruction, batch_size=batch_size, **spec.options)
 
 
@@ -257,9 +287,18 @@ def resolve_tasks(names: str | list[str], extra: list[TaskSpec] = ()) -> list[Ta
 
 
 def build_evaluator(
-    spec: TaskSpec, data_dir: str | Path | None = None, *, instruction: str | None = None, batch_size: int = 32
+    spec: TaskSpec,
+    data_dir: str | Path | None = None,
+    *,
+    instruction: str | None = None,
+    batch_size: int = 32,
+    limit: int | None = None,
 ):
-    """The evaluator for ``spec``; ``instruction`` replaces the task's default ("" means none)."""
+    """The evaluator for ``spec``; ``instruction`` replaces the task's default ("" means none).
+
+    ``limit`` keeps a seeded random sample of that many examples of each file (train and test alike; for
+    retrieval, judged queries) for quick runs; scores on a sample are not comparable with full-set scores.
+    """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     paths = {role: data_dir / p for role, p in spec.files.items()}  # an absolute p stays as it is
     missing = [str(p) for p in paths.values() if not p.exists()]
@@ -268,7 +307,7 @@ def build_evaluator(
             f"task {spec.name!r} cannot find {', '.join(missing)}; pass --data-dir (or set DECODER2VEC_DATA) "
             "to the folder holding its files"
         )
-    return TASK_TYPES[spec.type].build(paths, spec, task_instruction(spec, instruction), batch_size)
+    return TASK_TYPES[spec.type].build(paths, spec, task_instruction(spec, instruction), batch_size, limit)
 
 
 def task_instruction(spec: TaskSpec, instruction: str | None = None) -> str | None:

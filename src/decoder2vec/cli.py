@@ -20,6 +20,7 @@ __all__ = ["main"]
 COMMAND_MODULES = [
     "decoder2vec.cli",
     "decoder2vec.export",
+    "decoder2vec.serve",
     "decoder2vec.eval.cli",
     "decoder2vec.train.cli",
 ]

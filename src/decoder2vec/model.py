@@ -124,9 +124,11 @@ class Encoder(torch.nn.Module):
         device = torch.device(device) if device is not None else _default_device()
         torch_dtype = _resolve_dtype(dtype, device)
         model, tokenizer = _load_model(resolved, source, torch_dtype, config.attn_implementation)
-        for path in _adapter_list(adapter):
+        adapters = _adapter_list(adapter)
+        for path in adapters:
             model = _attach_adapter(model, path)
         encoder = cls(model.to(device), tokenizer, config, source=os.fspath(source))
+        encoder.adapters = adapters  # the folders loaded, in order (a model card lists their training stages)
         encoder.verify_attention()
         return encoder.eval()
 

@@ -1,0 +1,186 @@
+"""The embeddings server, in-process on loopback: the official openai client, raw HTTP errors, dynamic batching."""
+
+import base64
+import threading
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+import decoder2vec.serve as serve_module
+from decoder2vec import Encoder
+from decoder2vec.cli import main
+from decoder2vec.serve import ServeConfig, create_app, serve_in_thread
+
+TEXTS = ["A man is playing a guitar.", "The cat sits on the mat.", "Paris is the capital of France.", "x"]
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def encoder(_tiny_llama_session):
+    return Encoder.from_pretrained(_tiny_llama_session, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(encoder):
+    config = ServeConfig(api_key=KEY, model_name="tiny", max_inputs=8, max_chars=200, max_wait_ms=2)
+    with serve_in_thread(create_app(encoder, config)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def _post(url, body=None, *, content=None, key=KEY, path="/v1/embeddings"):
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if content is not None:
+        headers["content-type"] = "application/json"
+        return httpx.post(url + path, content=content, headers=headers, timeout=30)
+    return httpx.post(url + path, json=body, headers=headers, timeout=30)
+
+
+def test_openai_client_gets_our_vectors_in_both_encodings(client, encoder):
+    expected = encoder.encode(TEXTS, normalize=True)
+    for encoding_format in ("float", "base64"):
+        response = client.embeddings.create(model="tiny", input=TEXTS, encoding_format=encoding_format)
+        assert [d.index for d in response.data] == list(range(len(TEXTS)))
+        if encoding_format == "base64":  # asked for explicitly, the client hands the string over as it is
+            got = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in response.data])
+        else:
+            got = np.array([d.embedding for d in response.data], dtype=np.float32)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert response.model == "tiny"
+    tokens = sum(len(f.input_ids) for f in encoder.tokenize(TEXTS))
+    assert response.usage.prompt_tokens == tokens == response.usage.total_tokens
+    default = client.embeddings.create(model="tiny", input=TEXTS[0])  # the client asks for base64 by default
+    np.testing.assert_allclose(default.data[0].embedding, expected[0], atol=1e-5)
+
+
+def test_dimensions_instruction_and_precision(client, encoder):
+    response = client.embeddings.create(model="tiny", input=TEXTS, dimensions=8)
+    got = np.array([d.embedding for d in response.data])
+    np.testing.assert_allclose(got, encoder.encode(TEXTS, normalize=True, dimensions=8), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+    response = client.embeddings.create(
+        model="tiny", input=TEXTS, encoding_format="float", extra_body={"instruction": "Find the answer"}
+    )
+    expected = encoder.encode(TEXTS, instruction="Find the answer", normalize=True)
+    np.testing.assert_allclose([d.embedding for d in response.data], expected, atol=1e-5)
+
+    response = client.embeddings.create(
+        model="tiny", input=TEXTS, encoding_format="float", extra_body={"precision": "int8"}
+    )
+    as_int8 = np.array([d.embedding for d in response.data])
+    assert np.abs(as_int8 - encoder.encode(TEXTS, precision="int8")).max() <= 1  # rounding at a .5 boundary
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    health = httpx.get(server + "/health").json()  # no key needed
+    assert health["status"] == "ok" and health["dim"] == 32 and health["model"] == "tiny"
+
+
+def test_api_key_is_required_on_v1(server):
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.embeddings.create(model="tiny", input="hi")
+    for key in (None, "wrong"):
+        response = _post(server, {"input": "hi"}, key=key)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server + "/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize(
+    "body, content, status, param",
+    [
+        (None, b'{"input": ["unterminated', 400, None),
+        (None, b"not json at all", 400, None),
+        ({"input": 5}, None, 422, "input"),
+        ({"input": [1, 2]}, None, 422, "input"),
+        ({"texts": ["hi"]}, None, 422, "input"),
+        ({"input": "hi", "dimensions": "eight"}, None, 422, "dimensions"),
+        ({"input": "hi", "dimensions": 0}, None, 422, "dimensions"),
+        ({"input": "hi", "encoding_format": "hex"}, None, 422, "encoding_format"),
+        ({"input": "hi", "precision": "int4"}, None, 422, "precision"),
+        ({"input": []}, None, 400, "input"),
+        ({"input": ["hi"] * 9}, None, 413, "input"),
+        ({"input": ["hi", "y" * 201]}, None, 400, "input"),
+        ({"input": "hi", "dimensions": 33}, None, 400, "dimensions"),
+    ],
+)
+def test_bad_requests_get_openai_style_errors(server, body, content, status, param):
+    response = _post(server, body, content=content)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert "Traceback" not in response.text
+
+
+def test_unknown_route_and_method(server):
+    assert httpx.get(server + "/v1/nothing", headers={"authorization": f"Bearer {KEY}"}).status_code == 404
+    response = httpx.get(server + "/v1/embeddings", headers={"authorization": f"Bearer {KEY}"})
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_concurrent_requests_are_batched_together(encoder):
+    config = ServeConfig(max_wait_ms=300, batch_size=64)
+    app = create_app(encoder, config)
+    texts = [f"sentence number {i} about a cat" for i in range(12)]
+    results: dict[int, list[float]] = {}
+    with serve_in_thread(app) as url:
+        before = httpx.get(url + "/health").json()["batches"]
+
+        def one(i):
+            response = httpx.post(url + "/v1/embeddings", json={"input": texts[i]}, timeout=30)
+            results[i] = response.json()["data"][0]["embedding"]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        batches = httpx.get(url + "/health").json()["batches"] - before
+    assert batches <= 3, f"{len(texts)} concurrent requests took {batches} encode calls"
+    expected = encoder.encode(texts, normalize=True)
+    np.testing.assert_allclose([results[i] for i in range(len(texts))], expected, atol=1e-5)
+
+
+def test_encode_failure_answers_500_without_a_traceback(encoder, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    app = create_app(encoder)
+    with serve_in_thread(app) as url:
+        monkeypatch.setattr(encoder, "encode", broken)
+        response = httpx.post(url + "/v1/embeddings", json={"input": "hi"}, timeout=30)
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error" and "Traceback" not in response.text
+
+
+def test_only_loopback_unless_allowed():
+    with pytest.raises(ValueError, match="loopback"):
+        ServeConfig(host="0.0.0.0")
+    assert ServeConfig(host="::1").host == "::1"
+    assert ServeConfig(host="0.0.0.0", allow_remote=True).allow_remote
+
+
+def test_cli_serve(_tiny_llama_session, monkeypatch, capsys):
+    answers = []
+
+    def fake_run_server(app, host, port):  # serve on a free port instead, make one request, stop
+        with serve_in_thread(app, host) as url:
+            answers.append(
+                httpx.post(url + "/v1/embeddings", json={"input": ["a", "b"]}, headers={"authorization": "Bearer k"})
+            )
+
+    monkeypatch.setattr(serve_module, "run_server", fake_run_server)
+    assert main(["serve", "--model", str(_tiny_llama_session), "--api-key", "k", "--device", "cpu"]) == 0
+    assert answers[0].status_code == 200 and len(answers[0].json()["data"]) == 2
+    assert main(["serve", "--model", str(_tiny_llama_session), "--host", "10.1.2.3"]) == 1
+    assert "loopback" in capsys.readouterr().err

@@ -62,6 +62,25 @@ def test_sentence_transformers_folder_gives_our_vectors(tiny_llama_dir, tmp_path
     assert json.loads((out / "config.json").read_text())["is_causal"] is False
 
 
+@pytest.mark.parametrize("add_bos", [True, False])
+@pytest.mark.parametrize("pooling", ["last_token", "mean"])
+def test_appended_eos_is_written_into_the_tokenizer(tmp_path, add_bos, pooling):
+    folder = make_model_dir(tmp_path / "model", "llama", add_bos=add_bos)
+    encoder = Encoder.from_pretrained(folder, pooling=pooling, append_eos=True, max_length=16, device="cpu")
+    out = export_model(encoder, tmp_path / "st", format="sentence-transformers")
+    model = _sentence_transformer(out)
+    assert model.tokenize(["Two dogs run."])["input_ids"][0].tolist()[-1] == encoder.tokenizer.eos_token_id
+    np.testing.assert_allclose(model.encode(TEXTS, batch_size=8), encoder.encode(TEXTS, batch_size=8), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_sentence_transformers_export(smollm2_dir, tmp_path):
+    encoder = Encoder.from_pretrained(smollm2_dir, device="cpu")
+    out = export_model(encoder, tmp_path / "st", format="sentence-transformers")
+    assert not (out / "chat_template.jinja").exists()
+    np.testing.assert_allclose(_sentence_transformer(out).encode(TEXTS), encoder.encode(TEXTS), atol=1e-5)
+
+
 def test_stock_pooling_when_the_tokenizer_adds_nothing_around_the_text(tmp_path):
     folder = make_model_dir(tmp_path / "no-bos", "llama", add_bos=False)
     encoder = Encoder.from_pretrained(folder, pooling="weighted_mean", device="cpu")

@@ -137,3 +137,14 @@ def test_unsupported_architecture(tiny_llama_dir):
     (tiny_llama_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelSourceError, match="t5"):
         Encoder.from_pretrained(tiny_llama_dir)
+
+
+def test_encoding_on_several_devices_matches_one(_tiny_llama_session):
+    encoder = Encoder.from_pretrained(_tiny_llama_session, device="cpu")
+    texts = mixed_texts(30, seed=3)
+    single = encoder.encode(texts, batch_size=4)
+    spread = encoder.encode(texts, batch_size=4, devices=["cpu", "cpu", "cpu"])  # three replicas, three threads
+    np.testing.assert_allclose(spread, single, atol=1e-6)
+    assert len(encoder._replica_cache[1]) == 3
+    encoder.train()
+    assert encoder._replica_cache is None  # copies are dropped once the weights may change

@@ -81,6 +81,7 @@ def _encode(args: argparse.Namespace) -> None:
         show_progress=True,
         dimensions=args.dimensions,
         precision=args.precision,
+        devices=args.devices,
     )
     write_npy_atomic(args.output, vectors)
     print(json.dumps({"texts": len(texts), "dim": int(vectors.shape[1]), "output": str(args.output)}))
@@ -96,6 +97,9 @@ def register(subparsers) -> None:
     encode.add_argument("--dimensions", type=int, default=None, help="keep the first N values (Matryoshka)")
     encode.add_argument(
         "--precision", default="float32", help="float32 | int8 | uint8 | binary (packed bits), see vectors.py"
+    )
+    encode.add_argument(
+        "--devices", nargs="+", default=None, help="spread batches over these devices, e.g. cuda:0 cuda:1"
     )
     add_model_arguments(encode)
     encode.set_defaults(handler=_encode)

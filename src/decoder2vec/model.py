@@ -6,10 +6,12 @@ then ``encode`` which batches texts by length and returns vectors in input order
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -17,8 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import option, save_config
 from .attention import ARCHITECTURES, ArchitectureSupport, check_bidirectional, set_bidirectional
+from .config import option, save_config
 from .inputs import TextInput, normalize_inputs, pad_batch, tokenize
 from .llm2vec_compat import detect_llm2vec_checkpoint
 from .pooling import POOLING_MODES, pool
@@ -89,6 +91,7 @@ class Encoder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.source = source
+        self._replica_cache: tuple[tuple[str, ...], list[Encoder]] | None = None  # (devices, encoders)
         set_bidirectional(self.model, config.bidirectional)
 
     # ------------------------------------------------------------------ loading
@@ -197,6 +200,7 @@ class Encoder(torch.nn.Module):
         show_progress: bool | None = None,
         dimensions: int | None = None,
         precision: str = "float32",
+        devices: Sequence[str | torch.device] | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Embed ``texts`` (strings, or (instruction, text) pairs) into a (len(texts), dim) array.
 
@@ -204,6 +208,8 @@ class Encoder(torch.nn.Module):
         Inputs are batched by length (longest first) and the result is in input order.
         ``dimensions`` keeps the first values of each vector (Matryoshka; normalized after truncation),
         ``precision`` is float32 | int8 | uint8 | binary (see :mod:`decoder2vec.vectors`).
+        ``devices`` (e.g. ``["cuda:0", "cuda:1"]``) spreads the batches over one model replica per device,
+        each driven by its own thread; the result is the same as on one device.
         """
         check_precision(precision)
         if dimensions is not None:
@@ -218,16 +224,49 @@ class Encoder(torch.nn.Module):
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         if show_progress is None:
             show_progress = len(batches) > 8
+        replicas = self._replicas(devices)
+        progress = tqdm(total=len(batches), desc="encode", unit="batch", disable=not show_progress)
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode():
-                for index in tqdm(batches, desc="encode", unit="batch", disable=not show_progress):
-                    vectors = self(self.collate([features[i] for i in index]))
-                    out[index] = vectors.cpu()
+            if len(replicas) == 1:
+                _encode_batches(self, batches, features, out, progress)
+            else:
+                shares = [batches[i :: len(replicas)] for i in range(len(replicas))]
+                with ThreadPoolExecutor(max_workers=len(replicas)) as pool_:
+                    jobs = [
+                        pool_.submit(_encode_batches, r, s, features, out, progress)
+                        for r, s in zip(replicas, shares, strict=True)
+                    ]
+                    for job in jobs:
+                        job.result()  # re-raises a replica's error here
         finally:
+            progress.close()
             self.train(was_training)
         return postprocess(out, normalize=normalize, dimensions=dimensions, precision=precision, convert_to=convert_to)
+
+    def _replicas(self, devices) -> list[Encoder]:
+        """This encoder plus one copy per extra device; copies are kept until the weights may change."""
+        if not devices:
+            return [self]
+        if len(devices) == 1:
+            return [self.to(devices[0])]
+        wanted = tuple(str(torch.device(d)) for d in devices)
+        if self._replica_cache is None or self._replica_cache[0] != wanted:
+            replicas = []
+            for device in wanted:
+                if torch.device(device) == self.device and self not in replicas:
+                    replicas.append(self)
+                else:
+                    model = copy.deepcopy(self.model).to(device)
+                    replicas.append(Encoder(model, self.tokenizer, self.config, self.source).eval())
+            self._replica_cache = (wanted, replicas)
+        return self._replica_cache[1]
+
+    def train(self, mode: bool = True) -> Encoder:
+        if mode:
+            self._replica_cache = None  # training changes the weights the copies were made from
+        return super().train(mode)
 
     # ------------------------------------------------------------------ saving
     def save_config(self, folder: str | os.PathLike) -> None:
@@ -235,6 +274,14 @@ class Encoder(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+def _encode_batches(encoder: Encoder, batches, features, out: torch.Tensor, progress) -> None:
+    """Embed ``batches`` (lists of indices into ``features``) with one replica; rows go to ``out``."""
+    with torch.inference_mode():  # thread-local: entered in the thread that runs the model
+        for index in batches:
+            out[index] = encoder(encoder.collate([features[i] for i in index])).cpu()
+            progress.update(1)
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

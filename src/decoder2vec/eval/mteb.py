@@ -117,8 +117,7 @@ class MTEBEncoder(AbsEncoder):
 class _LocalSTSTask(AbsTaskSTS):
     """An MTEB STS task whose single ``test`` split comes from a local TSV instead of the Hugging Face hub."""
 
-    def __init__(self, path: Path, metadata: TaskMetadata, max_pairs: int | None, min_score: float, max_score: float):
-        self.metadata = metadata
+    def __init__(self, path: Path, max_pairs: int | None, min_score: float, max_score: float):
         self.path = path
         self.max_pairs = max_pairs
         self.min_score = min_score
@@ -170,4 +169,7 @@ def local_sts_task(
         sample_creation=None,
         bibtex_citation="",
     )
-    return _LocalSTSTask(path, metadata, max_pairs, min_score, max_score)
+    # mteb reads `metadata` from the class (it drops an instance attribute when unloading data), so each
+    # local task gets its own small subclass
+    task_class = type(f"LocalSTSTask_{name}", (_LocalSTSTask,), {"metadata": metadata})
+    return task_class(path, max_pairs, min_score, max_score)

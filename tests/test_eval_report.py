@@ -139,3 +139,24 @@ def test_eval_command_lines_with_a_tiny_encoder(tiny_llama_dir, toy_files, tmp_p
     assert "| trec | classification |" in capsys.readouterr().out
     assert main(["eval", "--model", model, "--tasks", "nope"]) == 1
     assert "unknown task(s) nope" in capsys.readouterr().err
+
+
+def test_a_beir_folder_task_through_the_registry(tmp_path):
+    (tmp_path / "beir" / "qrels").mkdir(parents=True)
+    corpus = [{"_id": "d1", "text": "a1"}, {"_id": "d2", "text": "b4"}]
+    (tmp_path / "beir" / "corpus.jsonl").write_text("\n".join(json.dumps(row) for row in corpus))
+    (tmp_path / "beir" / "queries.jsonl").write_text(json.dumps({"_id": "q", "text": "b1"}))
+    (tmp_path / "beir" / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq\td1\t1\n")
+    spec = parse_task_option("toyir=retrieval:beir", base=tmp_path)
+    spec.instruction = "Find the passage"
+    encoder = FakeEncoder(VECTORS)
+    [result] = run_tasks(encoder, [spec])["tasks"]
+    assert result["main_metric"] == "ndcg@10" and result["main_score"] == pytest.approx(100.0)
+    assert encoder.instruction_of("b1") == "Find the passage" and encoder.instruction_of("a1") is None
+
+
+def test_public_names_load_lazily():
+    import decoder2vec.eval as evaluation
+
+    assert set(evaluation.__all__) >= {"STSEvaluator", "RetrievalEvaluator", "ClassificationEvaluator", "run_tasks"}
+    assert evaluation.PairClassificationEvaluator.primary_metric == "ap"

@@ -11,7 +11,7 @@ import pytest
 import decoder2vec.serve as serve_module
 from decoder2vec import Encoder
 from decoder2vec.cli import main
-from decoder2vec.serve import ServeConfig, create_app, serve_in_thread
+from decoder2vec.serve import ServeConfig, can_pack, create_app, encode_packed, serve_in_thread
 
 TEXTS = ["A man is playing a guitar.", "The cat sits on the mat.", "Paris is the capital of France.", "x"]
 KEY = "test-key"
@@ -128,8 +128,9 @@ def test_unknown_route_and_method(server):
     assert response.status_code == 405 and "error" in response.json()
 
 
-def test_concurrent_requests_are_batched_together(encoder):
-    config = ServeConfig(max_wait_ms=300, batch_size=64)
+@pytest.mark.parametrize("pack_tokens", [512, 0])  # padding-free packs, and padded batches through encode
+def test_concurrent_requests_are_batched_together(encoder, pack_tokens):
+    config = ServeConfig(max_wait_ms=300, batch_size=64, pack_tokens=pack_tokens)
     app = create_app(encoder, config)
     texts = [f"sentence number {i} about a cat" for i in range(12)]
     results: dict[int, list[float]] = {}
@@ -151,13 +152,32 @@ def test_concurrent_requests_are_batched_together(encoder):
     np.testing.assert_allclose([results[i] for i in range(len(texts))], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"pooling": "mean"},
+        {"pooling": "weighted_mean"},
+        {"pooling": "last_token", "append_eos": True},
+        {"pooling": "bos"},
+        {"pooling": "mean", "bidirectional": False},
+    ],
+)
+def test_padding_free_packs_give_the_padded_batch_vectors(_tiny_llama_session, settings):
+    encoder = Encoder.from_pretrained(_tiny_llama_session, device="cpu", **settings)
+    assert can_pack(encoder)
+    texts = [*TEXTS, "", "A much longer text, with commas, numbers 1 2 3, and an emoji 🙂 at the end."] * 2
+    pairs = [("Find the answer", t) if i % 3 == 0 else ("", t) for i, t in enumerate(texts)]
+    packed = encode_packed(encoder, encoder.tokenize(pairs), max_tokens=40)  # several packs
+    np.testing.assert_allclose(packed.numpy(), encoder.encode(pairs), atol=1e-5)
+
+
 def test_encode_failure_answers_500_without_a_traceback(encoder, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
     app = create_app(encoder)
     with serve_in_thread(app) as url:
-        monkeypatch.setattr(encoder, "encode", broken)
+        monkeypatch.setattr(encoder, "tokenize", broken)
         response = httpx.post(url + "/v1/embeddings", json={"input": "hi"}, timeout=30)
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error" and "Traceback" not in response.text

@@ -9,8 +9,10 @@ Endpoints::
     GET  /health          liveness, model, dimension, batches run
 
 Concurrent requests are queued and encoded together: a worker thread takes the first waiting request,
-collects more for up to ``max_wait_ms`` (or until ``batch_size`` texts are waiting), and calls
-``Encoder.encode`` once for all of them. Every error answers with an OpenAI-style body
+collects more for up to ``max_wait_ms`` (or until ``batch_size`` texts are waiting), and
+encodes them together. A batch is encoded as padding-free packs (texts end to end, each attending only
+to itself, see :func:`encode_packed`), so many short requests of mixed lengths cost what the same
+texts cost offline; models with sliding-window attention use ``Encoder.encode``'s padded batches. Every error answers with an OpenAI-style body
 ``{"error": {"message", "type", "param", "code"}}``, never a stack trace.
 
 Example::
@@ -38,11 +40,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import torch
 
 from .config import option
+from .pooling import pool
 from .vectors import PRECISIONS, postprocess
 
-__all__ = ["DynamicBatcher", "ServeConfig", "create_app", "register", "run_server", "serve_in_thread"]
+__all__ = ["DynamicBatcher", "ServeConfig", "create_app", "encode_packed", "register", "run_server", "serve_in_thread"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +61,15 @@ class ServeConfig:
     model_name: str | None = option(None, help="model id reported by the API (default: the --model value)")
     batch_size: int = option(32, help="most texts encoded in one forward pass")
     max_wait_ms: float = option(5.0, help="how long the batcher waits for more requests after the first one")
+    pack_tokens: int = option(512, help="encode a batch as padding-free packs of up to N tokens (0: padded batches)")
     max_inputs: int = option(2048, help="most inputs in one request (more: 413)")
     max_chars: int = option(32768, help="most characters in one input (more: 400)")
     allow_remote: bool = option(False, help="allow a non-loopback host (put TLS and an API key in front)")
 
     def __post_init__(self):
-        for name in ("batch_size", "max_inputs", "max_chars", "port"):
+        for name in ("batch_size", "max_inputs", "max_chars", "port", "pack_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "port" else 1):
+            if not isinstance(value, int) or value < (0 if name in ("port", "pack_tokens") else 1):
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, not {self.max_wait_ms}")
@@ -98,9 +103,10 @@ class DynamicBatcher:
     token counts (n,)). One worker thread owns the encoder, so the model is never used concurrently.
     """
 
-    def __init__(self, encoder, *, batch_size: int = 32, max_wait_ms: float = 5.0):
+    def __init__(self, encoder, *, batch_size: int = 32, max_wait_ms: float = 5.0, pack_tokens: int = 512):
         self.encoder = encoder
         self.batch_size = batch_size
+        self.pack_tokens = pack_tokens if can_pack(encoder) else 0
         self.max_wait = max_wait_ms / 1000
         self.batches = 0  # encode calls so far
         self.texts = 0
@@ -141,8 +147,15 @@ class DynamicBatcher:
     def _encode(self, jobs: list[_Job]) -> None:
         pairs = [pair for job in jobs for pair in job.pairs]
         try:
-            counts = [len(f.input_ids) for f in self.encoder.tokenize(pairs)]
-            vectors = self.encoder.encode(pairs, batch_size=self.batch_size, convert_to="torch", show_progress=False)
+            if self.pack_tokens:
+                features = self.encoder.tokenize(pairs)
+                counts = [len(f.input_ids) for f in features]
+                vectors = encode_packed(self.encoder, features, max_tokens=self.pack_tokens)
+            else:
+                counts = [len(f.input_ids) for f in self.encoder.tokenize(pairs)]
+                vectors = self.encoder.encode(
+                    pairs, batch_size=self.batch_size, convert_to="torch", show_progress=False
+                )
         except Exception as error:  # handed to each waiting request, which answers 500
             logger.exception("encoding a batch of %d texts failed", len(pairs))
             for job in jobs:
@@ -155,6 +168,64 @@ class DynamicBatcher:
             end = start + len(job.pairs)
             job.future.set_result((vectors[start:end], counts[start:end]))
             start = end
+
+
+# ---------------------------------------------------------------------- padding-free packs
+def can_pack(encoder) -> bool:
+    """Packing replaces the model's masks by one block-diagonal mask: only for models without sliding windows."""
+    config = encoder.model.config.get_text_config()
+    implementation = getattr(config, "_attn_implementation", None)
+    return getattr(config, "sliding_window", None) is None and implementation in ("sdpa", "eager")
+
+
+def encode_packed(encoder, features, *, max_tokens: int = 512) -> torch.Tensor:
+    """Pooled float32 vectors (n, dim) of tokenized texts, encoded as padding-free packs.
+
+    Many short requests make a batch of texts of mixed lengths, and a padded batch computes every row at
+    the longest length. Here texts are laid end to end in packs of up to ``max_tokens`` tokens, with
+    position ids restarting at 0 for each text and a block-diagonal attention mask, so each text attends
+    only to itself (causally when the encoder is causal) exactly as in a padded batch, and no padding is
+    computed. The packs are then unpacked and pooled with the encoder's own pooling.
+    """
+    order = sorted(range(len(features)), key=lambda i: -len(features[i].input_ids))
+    packs, current, size = [], [], 0
+    for index in order:
+        length = len(features[index].input_ids)
+        if current and size + length > max_tokens:
+            packs.append(current)
+            current, size = [], 0
+        current.append(index)
+        size += length
+    if current:
+        packs.append(current)
+    out = torch.empty(len(features), encoder.dim, dtype=torch.float32)
+    with torch.inference_mode():
+        for pack in packs:
+            out[pack] = _forward_pack(encoder, [features[i] for i in pack]).cpu()
+    return out
+
+
+def _forward_pack(encoder, features) -> torch.Tensor:
+    device = encoder.device
+    lengths = torch.tensor([len(f.input_ids) for f in features])
+    segment = torch.repeat_interleave(torch.arange(len(features)), lengths).to(device)  # (total,)
+    positions = torch.cat([torch.arange(int(n)) for n in lengths]).to(device)  # (total,)
+    allowed = segment[:, None] == segment[None, :]  # (total, total): same text
+    if not encoder.config.bidirectional:
+        allowed &= positions[None, :] <= positions[:, None]
+    dtype = next(encoder.backbone.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    input_ids = torch.tensor([i for f in features for i in f.input_ids], device=device)
+    hidden = encoder.backbone(
+        input_ids=input_ids[None], attention_mask=mask[None, None], position_ids=positions[None], use_cache=False
+    ).last_hidden_state[0]  # (total, dim)
+    # unpack into a right-padded batch: row = text, column = position within the text
+    padded = hidden.new_zeros(len(features), int(lengths.max()), hidden.shape[-1])  # (n, longest, dim)
+    padded[segment, positions] = hidden
+    attention = (torch.arange(padded.shape[1], device=device)[None] < lengths.to(device)[:, None]).long()
+    pool_mask = torch.zeros_like(attention)
+    pool_mask[segment, positions] = torch.tensor([m for f in features for m in f.pool_mask], device=device)
+    return pool(padded.float(), attention, pool_mask, encoder.config.pooling)
 
 
 # ---------------------------------------------------------------------- the app
@@ -185,7 +256,9 @@ def create_app(encoder, config: ServeConfig | None = None):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state["batcher"] = DynamicBatcher(encoder, batch_size=config.batch_size, max_wait_ms=config.max_wait_ms)
+        state["batcher"] = DynamicBatcher(
+            encoder, batch_size=config.batch_size, max_wait_ms=config.max_wait_ms, pack_tokens=config.pack_tokens
+        )
         try:
             yield
         finally:

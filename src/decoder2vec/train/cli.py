@@ -59,6 +59,10 @@ def _pipeline(args: argparse.Namespace) -> None:
     from ..model import Encoder
     from .run import train
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     data = Path(args.data_dir)
     files = {
         "mntp": data / "text" / "wikitext2_valid.tokens",
@@ -89,7 +93,9 @@ def _pipeline(args: argparse.Namespace) -> None:
         f"MNTP: {mntp.steps} steps x batch {mntp.batch_size} x {mntp.max_seq_length} tokens, lr {mntp.learning_rate}",
         flush=True,
     )
-    encoder = train(mntp).encoder
+    trained = train(mntp)
+    encoder = trained.encoder
+    results["mntp_train_seconds"] = trained.log[-1]["seconds"] if trained.log else 0
     _sts(encoder, pairs, "after MNTP", results)
     del encoder
 
@@ -105,7 +111,9 @@ def _pipeline(args: argparse.Namespace) -> None:
         f"lr {simcse.learning_rate}",
         flush=True,
     )
-    encoder = train(simcse).encoder
+    trained = train(simcse)
+    encoder = trained.encoder
+    results["simcse_train_seconds"] = trained.log[-1]["seconds"] if trained.log else 0
     _sts(encoder, pairs, "after MNTP + SimCSE", results)
 
     results["minutes"] = round((time.perf_counter() - start) / 60, 1)
@@ -145,6 +153,7 @@ def register(subparsers) -> None:
     pipeline.add_argument("--eval-pairs", type=int, default=None, help="score only the first N STS-B test pairs")
     pipeline.add_argument("--resume", action="store_true", help="continue interrupted runs in output-dir")
     pipeline.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pipeline.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     for stage in ("mntp", "simcse"):
         pipeline.add_argument(f"--{stage}-steps", type=int, default=None, help=f"{stage} optimizer steps")
         pipeline.add_argument(f"--{stage}-lr", type=float, default=None, help=f"{stage} learning rate")

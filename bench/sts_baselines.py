@@ -3,7 +3,7 @@
 Each attention mode runs the model once per input form (plain; with the EOS id appended, for
 ``last_token``) and pools the same hidden states every way, so the table costs a few passes.
 
-    python bench/sts_baselines.py --model smollm2-135m --data ../shared/data/sts/stsb_test.tsv
+    python bench/sts_baselines.py --model smollm2-135m --data ../shared/data/sts/stsb_test.tsv --output results.jsonl
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="../shared/data/sts/stsb_test.tsv")
-    parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    parser.add_argument("--output", default=None, help="also append each result as a JSON line here")
     args = parser.parse_args()
     pairs = read_sts_tsv(args.data)
     texts = list(dict.fromkeys(pairs.sentences1 + pairs.sentences2))
@@ -63,13 +63,13 @@ def main() -> None:
                        "eos_appended": append_eos, "spearman": round(float(rho), 2), "pass_seconds": round(seconds, 1)}
                 results.append(row)
                 print(json.dumps(row), flush=True)
+                if args.output:
+                    with open(args.output, "a") as handle:
+                        handle.write(json.dumps(row) + "\n")
     print("\n| attention | pooling | STS-B test Spearman x100 |\n|---|---|---|")
     for row in results:
         name = row["pooling"] + (" (EOS id appended)" if row["eos_appended"] else "")
         print(f"| {row['attention']} | {name} | {row['spearman']:.2f} |")
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(results, handle, indent=2)
 
 
 if __name__ == "__main__":

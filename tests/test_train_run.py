@@ -203,3 +203,45 @@ def test_smollm2_simcse_steps_then_embed(smollm2_dir, shared_data, tmp_path):
     assert all(np.isfinite(e["loss"]) for e in result.log)
     vectors = Encoder.from_pretrained(smollm2_dir, adapter=str(result.run_dir)).encode(["A cat.", "A dog runs."])
     assert vectors.shape == (2, 576) and np.isfinite(vectors).all()
+
+
+def test_two_processes_with_torchrun(tiny_llama_dir, tmp_path):
+    """The same command under torchrun: 2 CPU processes (gloo), negatives gathered, GradCache, checkpoints per rank."""
+    rows = tmp_path / "rows.tsv"
+    rows.write_text("".join(f"{CORPUS[i]}\t{CORPUS[i + 1]}\t{CORPUS[i + 2]}\n" for i in range(12)))
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "decoder2vec.cli",
+        "train",
+        "supervised",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(rows),
+        "--steps",
+        "2",
+        "--batch-size",
+        "3",
+        "--grad-cache-chunk-size",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--progress",
+        "false",
+        "--output-dir",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1  # one summary, from rank 0
+    assert [e["step"] for e in _run_log(out)] == [1, 2]
+    assert {p.name for p in (out / "checkpoints" / "step-0000002").glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+    vectors = Encoder.from_pretrained(str(tiny_llama_dir), adapter=str(out), device="cpu").encode(TEXTS)
+    assert np.isfinite(vectors).all()

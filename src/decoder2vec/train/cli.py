@@ -31,6 +31,8 @@ def _train(args: argparse.Namespace) -> None:
     }
     config = load_config(cls, args.config, **overrides)
     result = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes: one summary line
+        return
     last = result.log[-1] if result.log else {}
     print(
         json.dumps(

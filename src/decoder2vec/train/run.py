@@ -65,7 +65,8 @@ def train(config: TrainConfig) -> TrainResult:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    # cpu=True without GPUs: under torchrun, accelerate then runs one process per CPU worker (gloo), not one alone
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     run_dir = Path(config.output_dir)
     resume_from = _find_resume_checkpoint(run_dir, config)
     set_seed(config.seed)

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/decoder2vec demo
+	$(BIN)/decoder2vec pipeline
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -81,7 +81,9 @@ def _pipeline(args: argparse.Namespace) -> None:
         pairs = STSPairs(
             pairs.sentences1[: args.eval_pairs], pairs.sentences2[: args.eval_pairs], pairs.scores[: args.eval_pairs]
         )
-    output = Path(args.output_dir)
+    if args.output_dir is None and args.resume:
+        raise ValueError("--resume needs --output-dir: the folder of the interrupted pipeline")
+    output = Path(args.output_dir or time.strftime("runs/pipeline-%Y%m%d-%H%M%S"))
     start = time.perf_counter()
     results: dict = {"model": args.model}
     common = {"model": args.model, "resume": args.resume, "progress": not args.no_progress}
@@ -150,7 +152,9 @@ def register(subparsers) -> None:
     pipeline = subparsers.add_parser("pipeline", help="MNTP then SimCSE on the shared data, STS-B before and after")
     pipeline.add_argument("--model", default="smollm2-135m", help="base model (default: the embedded SmolLM2-135M)")
     pipeline.add_argument("--data-dir", default=DEFAULT_DATA, help="shared data folder with text/ and sts/")
-    pipeline.add_argument("--output-dir", default="runs/pipeline", help="where the mntp/ and simcse/ runs go")
+    pipeline.add_argument(
+        "--output-dir", default=None, help="where the mntp/ and simcse/ runs go (default: runs/pipeline-DATE-TIME)"
+    )
     pipeline.add_argument("--causal-baseline", action="store_true", help="also score the untrained causal model")
     pipeline.add_argument("--eval-pairs", type=int, default=None, help="score only the first N STS-B test pairs")
     pipeline.add_argument("--resume", action="store_true", help="continue interrupted runs in output-dir")

@@ -75,7 +75,7 @@ def export_model(
     tmp.mkdir()
     try:
         notes = _WRITERS[format](encoder, tmp)
-        write_model_card(tmp, encoder, format, evaluation=evaluation, notes=notes)
+        write_model_card(tmp, encoder, format, evaluation=evaluation, notes=notes, title=output.name)
         _replace_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -318,7 +318,7 @@ def _special_ids_around_text(encoder) -> set[int]:
 
 
 # ---------------------------------------------------------------------- model card
-def write_model_card(folder: Path, encoder, format: str, *, evaluation=None, notes=()) -> None:  # noqa: A002
+def write_model_card(folder: Path, encoder, format: str, *, evaluation=None, notes=(), title="") -> None:  # noqa: A002
     """README.md: base model, settings, training stages and configs, evaluation table, usage, limitations."""
     config = encoder.config
     base = _base_model_name(encoder)
@@ -332,7 +332,7 @@ def write_model_card(folder: Path, encoder, format: str, *, evaluation=None, not
         "pipeline_tag: feature-extraction",
         "---",
         "",
-        f"# {Path(folder).name.lstrip('.').split('.tmp-')[0]}",
+        f"# {title or Path(folder).name}",
         "",
         f"A text encoder made from the decoder-only model `{base}` with decoder2vec (LLM2Vec method), "
         f"exported as a {format} folder.",
@@ -361,7 +361,7 @@ def write_model_card(folder: Path, encoder, format: str, *, evaluation=None, not
         lines += ["No training stages recorded (an untrained model, or adapters without their stage config).", ""]
     lines += ["## Evaluation", ""]
     lines += _evaluation_lines(evaluation) or ["Not evaluated at export time."]
-    lines += ["", "## Usage", "", *_usage_lines(folder, format, config)]
+    lines += ["", "## Usage", "", *_usage_lines(format, config)]
     if notes:
         lines += ["", "## What this format cannot express", ""] + [f"- {note}" for note in notes]
     (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -416,7 +416,7 @@ def _evaluation_lines(evaluation) -> list[str]:
     return lines
 
 
-def _usage_lines(folder: Path, format: str, config) -> list[str]:  # noqa: A002
+def _usage_lines(format: str, config) -> list[str]:  # noqa: A002
     name = "path/to/this/folder"
     query = config.query_instruction or "Given a question, retrieve passages that answer it"
     lines = [

@@ -3,14 +3,15 @@
 Starts the server as a subprocess (the real CLI), then N concurrent clients each send M requests of
 one sentence (STS-B test sentences), one request at a time per client. Prints requests/s,
 sentences/s, p50/p99 latency and errors, then the offline ``Encoder.encode`` throughput of the
-same sentences (batch 32, same thread count, server idle; before and after the load test, as the machine
-may be shared) and the ratio of the two.
+same sentences (batch 32, same thread count, server idle) and the ratio of the two. Offline and
+server alternate in rounds over the same sentences, so that on a shared machine both see the same load.
 
-    python bench/serve_load.py [--clients 16] [--requests 20] [--threads 2] [--max-wait-ms 5]
+    python bench/serve_load.py [--clients 16] [--requests 20] [--rounds 4] [--threads 2] [--max-wait-ms 5]
 """
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from decoder2vec import Encoder
-from decoder2vec.serve import free_port
+from decoder2vec.serve import ServeConfig, create_app, free_port, serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sts" / "stsb_test.tsv"
@@ -39,13 +40,9 @@ def read_sentences(path: Path, count: int) -> list[str]:
     return sentences[:count]
 
 
-def offline_throughput(encoder, sentences: list[str], batch_size: int) -> float:
-    start = time.perf_counter()
-    encoder.encode(sentences, batch_size=batch_size, normalize=True)
-    return len(sentences) / (time.perf_counter() - start)
-
-
-async def load(url: str, sentences: list[str], clients: int, requests: int) -> tuple[list[float], int, float]:
+async def load(
+    url: str, sentences: list[str], clients: int, requests: int, warm_up: bool = False
+) -> tuple[list[float], int, float]:
     """(latencies in seconds, errors, wall seconds) for clients x requests one-sentence requests."""
     latencies: list[float] = []
     errors = 0
@@ -65,7 +62,8 @@ async def load(url: str, sentences: list[str], clients: int, requests: int) -> t
                 latencies.append(time.perf_counter() - start)
                 errors += not ok
 
-        await asyncio.gather(*(client.post("/v1/embeddings", json={"input": s}) for s in sentences[:clients]))
+        if warm_up:
+            await asyncio.gather(*(client.post("/v1/embeddings", json={"input": s}) for s in sentences[:clients]))
         start = time.perf_counter()
         await asyncio.gather(*(one_client(i) for i in range(clients)))
         wall = time.perf_counter() - start
@@ -91,56 +89,84 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=20, help="requests per client (one sentence each)")
+    parser.add_argument("--rounds", type=int, default=4, help="offline and server alternate this many times")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, offline and in the server")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--wait-fraction", type=float, default=0.1, help="server window: fraction of the last batch")
     parser.add_argument("--pack-tokens", type=int, default=512, help="server packs (0: padded batches)")
+    parser.add_argument("--in-process", action="store_true", help="run the server in a thread of this process")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    sentences = read_sentences(args.data, args.clients * args.requests)
+    per_round = args.requests // args.rounds
+    total = args.clients * per_round * args.rounds
+    sentences = read_sentences(args.data, total)
     print(
-        f"model {args.model}, {args.clients} clients x {args.requests} requests x 1 sentence, "
-        f"{args.threads} torch threads, server batch {args.batch_size}, wait window {args.max_wait_ms} ms, "
-        f"packs of {args.pack_tokens} tokens",
+        f"model {args.model}, {args.clients} clients x {per_round * args.rounds} requests x 1 sentence in "
+        f"{args.rounds} rounds, {args.threads} torch threads, batch {args.batch_size}, "
+        f"wait window {args.max_wait_ms} ms or {args.wait_fraction} of the last batch, packs of {args.pack_tokens} "
+        f"tokens, server {'in this process' if args.in_process else 'in its own process (decoder2vec serve)'}",
         flush=True,
     )
-
-    # offline before and after the load test (the machine may be shared: its load changes over minutes)
     encoder = Encoder.from_pretrained(args.model, device="cpu")
     encoder.encode(sentences[: args.batch_size], batch_size=args.batch_size)  # warm-up
-    offline_before = offline_throughput(encoder, sentences, args.batch_size)
-    print(f"offline (before): {offline_before:7.1f} sentences/s", flush=True)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    command = [sys.executable, "-m", "decoder2vec.cli", "serve", "--model", args.model, "--port", str(port)]
-    command += ["--batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms), "--device", "cpu"]
-    command += ["--pack-tokens", str(args.pack_tokens)]
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    settings = {"batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms, "wait_fraction": args.wait_fraction}
+    settings["pack_tokens"] = args.pack_tokens
+    stack = contextlib.ExitStack()
+    server = None
+    if args.in_process:  # same process and model object as the offline runs; the clients share its GIL
+        url = stack.enter_context(serve_in_thread(create_app(encoder, ServeConfig(**settings))))
+    else:  # the real CLI in its own process
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        command = [sys.executable, "-m", "decoder2vec.cli", "serve", "--model", args.model, "--port", str(port)]
+        for name, value in settings.items():
+            command += ["--" + name.replace("_", "-"), str(value)]
+        server = subprocess.Popen(
+            command + ["--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         wait_ready(url, server)
-        latencies, errors, wall = asyncio.run(load(url, sentences, args.clients, args.requests))
+    latencies, errors, server_seconds, offline_seconds = [], 0, 0.0, 0.0
+    stderr = ""
+    try:
+        for r in range(args.rounds):
+            chunk = sentences[r * args.clients * per_round : (r + 1) * args.clients * per_round]
+            start = time.perf_counter()
+            encoder.encode(chunk, batch_size=args.batch_size, normalize=True)
+            offline_round = time.perf_counter() - start
+            round_latencies, round_errors, server_round = asyncio.run(
+                load(url, chunk, args.clients, per_round, warm_up=r == 0)
+            )
+            latencies += round_latencies
+            errors += round_errors
+            offline_seconds += offline_round
+            server_seconds += server_round
+            print(
+                f"round {r + 1}/{args.rounds}: offline {len(chunk) / offline_round:6.1f} sentences/s, "
+                f"server {len(chunk) / server_round:6.1f} sentences/s",
+                flush=True,
+            )
         health = httpx.get(url + "/health").json()
     finally:
-        server.terminate()
-        _, stderr = server.communicate(timeout=30)
-    offline_after = offline_throughput(encoder, sentences, args.batch_size)
-    print(f"offline (after) : {offline_after:7.1f} sentences/s", flush=True)
-    total = args.clients * args.requests
-    served = total / wall
+        stack.close()
+        if server is not None:
+            server.terminate()
+            _, stderr = server.communicate(timeout=30)
+    served = total / server_seconds
+    offline = total / offline_seconds
     lat = np.array(latencies) * 1000
     print(
         f"server : {served:7.1f} requests/s  {served:7.1f} sentences/s  "
         f"p50 {np.percentile(lat, 50):6.0f} ms  p99 {np.percentile(lat, 99):6.0f} ms  errors {errors}/{total}  "
-        f"({health['batches']} encode calls for {health['texts']} texts, {health['texts'] / health['batches']:.1f} a call)",
-        flush=True,
+        f"({health['batches']} encode calls for {health['texts']} texts incl. warm-up, "
+        f"{health['texts'] / max(health['batches'], 1):.1f} a call)"
     )
-    offline = (offline_before + offline_after) / 2
     print(
-        f"offline: {offline:7.1f} sentences/s (Encoder.encode, batch {args.batch_size}, same sentences, mean of both)"
+        f"offline: {offline:7.1f} sentences/s (Encoder.encode, batch {args.batch_size}, same sentences, same rounds)"
     )
     print(f"ratio server/offline: {served / offline:.2f} (target >= 0.90 with 16 clients, zero errors)")
     if errors and stderr:

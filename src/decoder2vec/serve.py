@@ -9,10 +9,11 @@ Endpoints::
     GET  /health          liveness, model, dimension, batches run
 
 Concurrent requests are queued and encoded together: a worker thread takes the first waiting request,
-collects more for up to ``max_wait_ms`` (or until ``batch_size`` texts are waiting), and
+collects more for up to ``max_wait_ms``, or ``wait_fraction`` of the last batch's encode time when that is
+longer (clients just answered come back a moment later), or until ``batch_size`` texts are waiting, and
 encodes them together. A batch is encoded as padding-free packs (texts end to end, each attending only
-to itself, see :func:`encode_packed`), so many short requests of mixed lengths cost what the same
-texts cost offline; models with sliding-window attention use ``Encoder.encode``'s padded batches. Every error answers with an OpenAI-style body
+to itself, see :func:`encode_packed`), so short requests of mixed lengths cost no padding; models with
+sliding-window attention use ``Encoder.encode``'s padded batches. Every error answers with an OpenAI-style body
 ``{"error": {"message", "type", "param", "code"}}``, never a stack trace.
 
 Example::
@@ -61,6 +62,7 @@ class ServeConfig:
     model_name: str | None = option(None, help="model id reported by the API (default: the --model value)")
     batch_size: int = option(32, help="most texts encoded in one forward pass")
     max_wait_ms: float = option(5.0, help="how long the batcher waits for more requests after the first one")
+    wait_fraction: float = option(0.1, help="...or up to this fraction of the last batch's encode time, if longer")
     pack_tokens: int = option(512, help="encode a batch as padding-free packs of up to N tokens (0: padded batches)")
     max_inputs: int = option(2048, help="most inputs in one request (more: 413)")
     max_chars: int = option(32768, help="most characters in one input (more: 400)")
@@ -71,8 +73,10 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name in ("port", "pack_tokens") else 1):
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, not {self.max_wait_ms}")
+        if self.max_wait_ms < 0 or not 0 <= self.wait_fraction <= 1:
+            raise ValueError(
+                f"need max_wait_ms >= 0 and 0 <= wait_fraction <= 1 ({self.max_wait_ms}, {self.wait_fraction})"
+            )
         if not self.allow_remote and not _is_loopback(self.host):
             raise ValueError(
                 f"host {self.host!r} is not a loopback address; the server listens on 127.0.0.1 or ::1 only "
@@ -103,11 +107,21 @@ class DynamicBatcher:
     token counts (n,)). One worker thread owns the encoder, so the model is never used concurrently.
     """
 
-    def __init__(self, encoder, *, batch_size: int = 32, max_wait_ms: float = 5.0, pack_tokens: int = 512):
+    def __init__(
+        self,
+        encoder,
+        *,
+        batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        wait_fraction: float = 0.1,
+        pack_tokens: int = 512,
+    ):
         self.encoder = encoder
         self.batch_size = batch_size
         self.pack_tokens = pack_tokens if can_pack(encoder) else 0
         self.max_wait = max_wait_ms / 1000
+        self.wait_fraction = wait_fraction
+        self._last_seconds = 0.0  # how long the last batch took to encode
         self.batches = 0  # encode calls so far
         self.texts = 0
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -130,7 +144,9 @@ class DynamicBatcher:
             if first is None:
                 break
             jobs, waiting = [first], len(first.pairs)
-            deadline = time.monotonic() + self.max_wait
+            # Clients answered by the last batch come back a little later (their responses are still being
+            # written): waiting a small fraction of a forward pass for them doubles the next batch.
+            deadline = time.monotonic() + max(self.max_wait, min(self.wait_fraction * self._last_seconds, 0.25))
             while waiting < self.batch_size:
                 remaining = deadline - time.monotonic()
                 try:
@@ -146,6 +162,7 @@ class DynamicBatcher:
 
     def _encode(self, jobs: list[_Job]) -> None:
         pairs = [pair for job in jobs for pair in job.pairs]
+        start = time.monotonic()
         try:
             if self.pack_tokens:
                 features = self.encoder.tokenize(pairs)
@@ -161,6 +178,7 @@ class DynamicBatcher:
             for job in jobs:
                 job.future.set_exception(error)
             return
+        self._last_seconds = time.monotonic() - start
         self.batches += 1
         self.texts += len(pairs)
         start = 0
@@ -257,7 +275,11 @@ def create_app(encoder, config: ServeConfig | None = None):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state["batcher"] = DynamicBatcher(
-            encoder, batch_size=config.batch_size, max_wait_ms=config.max_wait_ms, pack_tokens=config.pack_tokens
+            encoder,
+            batch_size=config.batch_size,
+            max_wait_ms=config.max_wait_ms,
+            wait_fraction=config.wait_fraction,
+            pack_tokens=config.pack_tokens,
         )
         try:
             yield

@@ -3,8 +3,9 @@
 Starts the server as a subprocess (the real CLI), then N concurrent clients each send M requests of
 one sentence (STS-B test sentences), one request at a time per client. Prints requests/s,
 sentences/s, p50/p99 latency and errors, then the offline ``Encoder.encode`` throughput of the
-same sentences (batch 32, same thread count, server idle) and the ratio of the two. Offline and
-server alternate in rounds over the same sentences, so that on a shared machine both see the same load.
+same sentences (batch 32, same thread count, server idle; in a fresh process like the server's, or with
+--in-process both in this one) and the ratio of the two. Offline and server alternate in rounds over the
+same sentences, so that on a shared machine both see the same load.
 
     python bench/serve_load.py [--clients 16] [--requests 20] [--rounds 4] [--threads 2] [--max-wait-ms 5]
 """
@@ -12,6 +13,7 @@ server alternate in rounds over the same sentences, so that on a shared machine 
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +40,34 @@ def read_sentences(path: Path, count: int) -> list[str]:
     if len(sentences) < count:
         raise SystemExit(f"{path} has {len(sentences)} unique sentences, {count} needed")
     return sentences[:count]
+
+
+class OfflineWorker:
+    """``Encoder.encode`` timed in a fresh process of its own, like the server's (one JSON list of texts a line)."""
+
+    def __init__(self, args):
+        command = [sys.executable, __file__, "--offline-worker", "--model", args.model]
+        command += ["--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def seconds(self, texts: list[str]) -> float:
+        self.process.stdin.write(json.dumps(texts) + "\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def offline_worker(args) -> None:
+    encoder = Encoder.from_pretrained(args.model, device="cpu")
+    for line in sys.stdin:
+        texts = json.loads(line)
+        start = time.perf_counter()
+        encoder.encode(texts, batch_size=args.batch_size, normalize=True)
+        print(time.perf_counter() - start, flush=True)
 
 
 async def load(
@@ -95,11 +125,14 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--wait-fraction", type=float, default=0.1, help="server window: fraction of the last batch")
     parser.add_argument("--pack-tokens", type=int, default=512, help="server packs (0: padded batches)")
-    parser.add_argument("--in-process", action="store_true", help="run the server in a thread of this process")
+    parser.add_argument("--in-process", action="store_true", help="server and offline encode in this process")
+    parser.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.offline_worker:
+        return offline_worker(args)
     per_round = args.requests // args.rounds
     total = args.clients * per_round * args.rounds
     sentences = read_sentences(args.data, total)
@@ -110,8 +143,18 @@ def main() -> None:
         f"tokens, server {'in this process' if args.in_process else 'in its own process (decoder2vec serve)'}",
         flush=True,
     )
-    encoder = Encoder.from_pretrained(args.model, device="cpu")
-    encoder.encode(sentences[: args.batch_size], batch_size=args.batch_size)  # warm-up
+    if args.in_process:
+        encoder = Encoder.from_pretrained(args.model, device="cpu")
+
+        def offline_seconds_for(texts: list[str]) -> float:
+            start = time.perf_counter()
+            encoder.encode(texts, batch_size=args.batch_size, normalize=True)
+            return time.perf_counter() - start
+
+    else:
+        worker = OfflineWorker(args)
+        offline_seconds_for = worker.seconds
+    offline_seconds_for(sentences[: args.batch_size])  # warm-up
 
     settings = {"batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms, "wait_fraction": args.wait_fraction}
     settings["pack_tokens"] = args.pack_tokens
@@ -119,7 +162,7 @@ def main() -> None:
     server = None
     if args.in_process:  # same process and model object as the offline runs; the clients share its GIL
         url = stack.enter_context(serve_in_thread(create_app(encoder, ServeConfig(**settings))))
-    else:  # the real CLI in its own process
+    else:  # the real CLI in its own process; offline encode in another fresh process
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -135,9 +178,7 @@ def main() -> None:
     try:
         for r in range(args.rounds):
             chunk = sentences[r * args.clients * per_round : (r + 1) * args.clients * per_round]
-            start = time.perf_counter()
-            encoder.encode(chunk, batch_size=args.batch_size, normalize=True)
-            offline_round = time.perf_counter() - start
+            offline_round = offline_seconds_for(chunk)
             round_latencies, round_errors, server_round = asyncio.run(
                 load(url, chunk, args.clients, per_round, warm_up=r == 0)
             )
@@ -153,6 +194,8 @@ def main() -> None:
         health = httpx.get(url + "/health").json()
     finally:
         stack.close()
+        if not args.in_process:
+            worker.close()
         if server is not None:
             server.terminate()
             _, stderr = server.communicate(timeout=30)

@@ -100,3 +100,15 @@ def test_pooling_modes_map(mode, expected):
 def test_unsupported_pooling_mode_names_the_fix():
     with pytest.raises(ValueError, match="latent_pooling.*pooling="):
         llm2vec_settings({"pooling_mode": "latent_pooling"})
+
+
+def test_cli_loads_the_layout_too(llm2vec_checkpoint, tmp_path):
+    from decoder2vec.cli import main
+
+    base, simcse_dir, _ = llm2vec_checkpoint
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(t for t in TEXTS if t) + "\n")
+    out = tmp_path / "vectors.npy"
+    assert main(["encode", str(texts), "-o", str(out), "--model", str(base), "--adapter", str(simcse_dir)]) == 0
+    expected = Encoder.from_pretrained(base, adapter=simcse_dir, device="cpu").encode([t for t in TEXTS if t])
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-6)

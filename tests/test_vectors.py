@@ -115,3 +115,20 @@ def test_int8_keeps_the_retrieval_ranking_of_a_small_corpus(encoder):
 
 def test_all_precisions_listed():
     assert PRECISIONS == ("float32", "int8", "uint8", "binary")
+
+
+def test_cli_encode_dimensions_and_precision(tiny_llama_dir, tmp_path, capsys):
+    from decoder2vec.cli import main
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(CORPUS[:5]) + "\n")
+    args = ["encode", str(texts), "--model", str(tiny_llama_dir), "--device", "cpu"]
+    assert main([*args, "-o", str(tmp_path / "int8.npy"), "--precision", "int8", "--dimensions", "8"]) == 0
+    got = np.load(tmp_path / "int8.npy")
+    expected = Encoder.from_pretrained(tiny_llama_dir, device="cpu").encode(CORPUS[:5], dimensions=8, precision="int8")
+    assert got.dtype == np.int8 and got.shape == (5, 8)
+    np.testing.assert_array_equal(got, expected)
+    assert main([*args, "-o", str(tmp_path / "bits.npy"), "--precision", "binary"]) == 0
+    assert np.load(tmp_path / "bits.npy").shape == (5, 4)
+    assert main([*args, "-o", str(tmp_path / "bad.npy"), "--precision", "int4"]) == 1
+    assert "int4" in capsys.readouterr().err

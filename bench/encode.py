@@ -129,8 +129,10 @@ def main() -> None:
         "max_abs_diff_causal_mean_vs_st": float(check),
     }
     d, s = rows["decoder2vec"], rows["sentence_transformers"]
-    print(f"decoder2vec:           {d['sentences_per_s']} sentences/s, {d['tokens_per_s']} tokens/s, "
-          f"{d['gflops']} GFLOP/s = {d['mfu_percent']}% of peak, peak RSS {d['peak_rss_mb']:.0f} MB")
+    print(
+        f"decoder2vec:           {d['sentences_per_s']} sentences/s, {d['tokens_per_s']} tokens/s, "
+        f"{d['gflops']} GFLOP/s = {d['mfu_percent']}% of peak, peak RSS {d['peak_rss_mb']:.0f} MB"
+    )
     print(f"sentence-transformers: {s['sentences_per_s']} sentences/s = {s['mfu_percent']}% of peak")
     print(f"ratio ours/theirs: {rows['throughput_ratio_ours_over_theirs']}  (target >= 1.0; MFU target >= 55%)")
     print(json.dumps(rows))

@@ -59,8 +59,13 @@ def main() -> None:
                 if append_eos and mode != "last_token":
                     continue
                 rho = spearmanr(cosine_scores(v[left], v[right]), pairs.scores).statistic * 100
-                row = {"attention": "bidirectional" if bidirectional else "causal", "pooling": mode,
-                       "eos_appended": append_eos, "spearman": round(float(rho), 2), "pass_seconds": round(seconds, 1)}
+                row = {
+                    "attention": "bidirectional" if bidirectional else "causal",
+                    "pooling": mode,
+                    "eos_appended": append_eos,
+                    "spearman": round(float(rho), 2),
+                    "pass_seconds": round(seconds, 1),
+                }
                 results.append(row)
                 print(json.dumps(row), flush=True)
                 if args.output:

@@ -8,9 +8,7 @@ from tiny import make_model_dir
 
 torch.set_num_threads(int(os.environ.get("DECODER2VEC_TEST_THREADS", "2")))
 
-SHARED_DATA = os.environ.get(
-    "DECODER2VEC_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-)
+SHARED_DATA = os.environ.get("DECODER2VEC_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,24 @@ def test_encode_file_to_npy(tiny_llama_dir, tmp_path, capsys):
 def test_encode_from_stdin(tiny_llama_dir, tmp_path):
     out = tmp_path / "stdin.npy"
     done = subprocess.run(
-        [sys.executable, "-m", "decoder2vec.cli", "encode", "-", "-o", str(out), "--model", str(tiny_llama_dir),
-         "--pooling", "last_token", "--causal"],
-        input="one\ntwo\n", capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "decoder2vec.cli",
+            "encode",
+            "-",
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_llama_dir),
+            "--pooling",
+            "last_token",
+            "--causal",
+        ],
+        input="one\ntwo\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert np.load(out).shape == (2, 32)
@@ -47,7 +62,9 @@ def write_sts(path):
 
 def test_eval_sts_prints_json_last(tiny_llama_dir, tmp_path, capsys):
     data = write_sts(tmp_path / "sts.tsv")
-    assert main(["eval", "sts", "--model", str(tiny_llama_dir), "--data", str(data), "--pooling", "weighted_mean"]) == 0
+    assert (
+        main(["eval", "sts", "--model", str(tiny_llama_dir), "--data", str(data), "--pooling", "weighted_mean"]) == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert -100 <= result["spearman"] <= 100 and -100 <= result["pearson"] <= 100
     assert result["pooling"] == "weighted_mean" and result["bidirectional"] is True

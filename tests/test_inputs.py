@@ -25,8 +25,8 @@ def tokenizer():
 
 def pooled_and_read(tokenizer, features):
     ids, mask = features.input_ids, features.pool_mask
-    pooled = tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False)
-    unpooled = tokenizer.decode([t for t, m in zip(ids, mask) if not m], skip_special_tokens=True)
+    pooled = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m], skip_special_tokens=False)
+    unpooled = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m], skip_special_tokens=True)
     return pooled, unpooled
 
 
@@ -68,7 +68,7 @@ def test_append_eos_adds_the_eos_id_not_its_text(tokenizer):
     [features] = tokenize(tokenizer, [("", "hello")], max_length=64, append_eos=True)
     assert features.input_ids[-1] == tokenizer.eos_token_id
     assert features.pool_mask[-1] == 0
-    assert tokenizer.decode([t for t, m in zip(features.input_ids, features.pool_mask) if m]) == "hello"
+    assert tokenizer.decode([t for t, m in zip(features.input_ids, features.pool_mask, strict=True) if m]) == "hello"
 
 
 def test_truncation_keeps_instruction_and_eos_within_max_length(tokenizer):

@@ -71,13 +71,17 @@ def fake_gguf_loader(monkeypatch, model_dir, fail_on_save=False):
         calls.append(gguf_file)
         model = real_model(model_dir)
         if fail_on_save:
+
             def broken_save(*args, **kwargs):
                 raise OSError("disk full")
+
             model.save_pretrained = broken_save
         return model
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load_model)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder, gguf_file=None, **k: real_tokenizer(model_dir))
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda folder, gguf_file=None, **k: real_tokenizer(model_dir)
+    )
     return calls
 
 

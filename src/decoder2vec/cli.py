@@ -106,7 +106,9 @@ def register(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="decoder2vec", description="Turn decoder-only language models into text encoders.")
+    parser = argparse.ArgumentParser(
+        prog="decoder2vec", description="Turn decoder-only language models into text encoders."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

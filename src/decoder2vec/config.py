@@ -100,7 +100,9 @@ def load_config(cls, path: str | os.PathLike | None = None, **overrides):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ValueError(
+            f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     return cls(**values)
 
 

@@ -61,7 +61,7 @@ def tokenize(
     if not pairs:
         return []
     prefixes = [instruction_template.format(instruction=inst) if inst else "" for inst, _ in pairs]
-    fulls = [prefix + text for prefix, (_, text) in zip(prefixes, pairs)]
+    fulls = [prefix + text for prefix, (_, text) in zip(prefixes, pairs, strict=True)]
     eos = tokenizer.eos_token_id if append_eos else None
     budget = max_length - (1 if eos is not None else 0)
     if budget < 1:
@@ -76,7 +76,7 @@ def tokenize(
         split_special_tokens=True,  # "</s>" typed inside a text is text, not an EOS token
     )
     features = []
-    for prefix, ids, offsets in zip(prefixes, encoded["input_ids"], encoded["offset_mapping"]):
+    for prefix, ids, offsets in zip(prefixes, encoded["input_ids"], encoded["offset_mapping"], strict=True):
         start = len(prefix)
         # Special tokens have empty spans (start == end) and are never pooled.
         mask = [1 if end > start and end > begin else 0 for begin, end in offsets]

@@ -114,7 +114,9 @@ def embedded_gguf_path(name: str) -> Path:
     # Found through the import system without importing the package (its __init__ may pull in extras).
     path = entry.locate(Path(next(iter(spec.submodule_search_locations))))
     if not Path(path).is_file():
-        raise ModelSourceError(f"the package {entry.package!r} has no model file at {path}. Reinstall: {entry.install}")
+        raise ModelSourceError(
+            f"the package {entry.package!r} has no model file at {path}. Reinstall: {entry.install}"
+        )
     return Path(path)
 
 

@@ -17,7 +17,8 @@ import torch
 from scipy.stats import spearmanr
 
 from decoder2vec import POOLING_MODES, Encoder, pool
-from decoder2vec.eval.sts import cosine_scores, read_sts_tsv
+from decoder2vec.eval.common import cosine_scores
+from decoder2vec.eval.sts import read_sts_tsv
 
 
 @torch.inference_mode()

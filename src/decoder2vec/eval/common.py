@@ -65,3 +65,19 @@ def cosine_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of every row of ``a`` with every row of ``b``: (len(a), len(b))."""
     return _unit(a) @ _unit(b).T
+
+
+def pair_cosine_scores(
+    encoder,
+    sentences1: Sequence[str],
+    sentences2: Sequence[str],
+    *,
+    instruction: str | None,
+    batch_size: int,
+    show_progress: bool | None,
+) -> np.ndarray:  # (n_pairs,)
+    """Cosine similarity of each (sentences1[i], sentences2[i]) pair; each distinct sentence is embedded once."""
+    unique = list(dict.fromkeys(list(sentences1) + list(sentences2)))
+    index = {sentence: i for i, sentence in enumerate(unique)}
+    vectors = embed(encoder, unique, instruction=instruction, batch_size=batch_size, show_progress=show_progress)
+    return cosine_scores(vectors[[index[s] for s in sentences1]], vectors[[index[s] for s in sentences2]])

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from .common import cosine_scores, embed, read_text
+from .common import pair_cosine_scores, read_text
 
 __all__ = ["LabelledPairs", "PairClassificationEvaluator", "read_pairs_tsv"]
 
@@ -94,14 +94,14 @@ class PairClassificationEvaluator:
         self.show_progress = show_progress
 
     def __call__(self, encoder) -> dict[str, float]:
-        unique = list(dict.fromkeys(self.pairs.sentences1 + self.pairs.sentences2))
-        index = {sentence: i for i, sentence in enumerate(unique)}
-        vectors = embed(
-            encoder, unique, instruction=self.instruction, batch_size=self.batch_size, show_progress=self.show_progress
+        scores = pair_cosine_scores(
+            encoder,
+            self.pairs.sentences1,
+            self.pairs.sentences2,
+            instruction=self.instruction,
+            batch_size=self.batch_size,
+            show_progress=self.show_progress,
         )
-        scores = cosine_scores(
-            vectors[[index[s] for s in self.pairs.sentences1]], vectors[[index[s] for s in self.pairs.sentences2]]
-        )  # (n_pairs,)
         labels = np.asarray(self.pairs.labels)
         precision, recall, thresholds = precision_recall_curve(labels, scores)
         f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)

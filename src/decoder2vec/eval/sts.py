@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from .common import cosine_scores, embed, require_file
+from .common import pair_cosine_scores, require_file
 
 __all__ = ["STSEvaluator", "STSPairs", "read_sts_tsv"]
 
@@ -90,14 +90,14 @@ class STSEvaluator:
         self.show_progress = show_progress
 
     def __call__(self, encoder) -> dict[str, float]:
-        unique = list(dict.fromkeys(self.pairs.sentences1 + self.pairs.sentences2))
-        index = {sentence: i for i, sentence in enumerate(unique)}
-        vectors = embed(
-            encoder, unique, instruction=self.instruction, batch_size=self.batch_size, show_progress=self.show_progress
+        predicted = pair_cosine_scores(
+            encoder,
+            self.pairs.sentences1,
+            self.pairs.sentences2,
+            instruction=self.instruction,
+            batch_size=self.batch_size,
+            show_progress=self.show_progress,
         )
-        first = vectors[[index[s] for s in self.pairs.sentences1]]
-        second = vectors[[index[s] for s in self.pairs.sentences2]]
-        predicted = cosine_scores(first, second)
         gold = np.asarray(self.pairs.scores, dtype=np.float64)
         return {
             "spearman": float(spearmanr(predicted, gold).statistic) * 100,

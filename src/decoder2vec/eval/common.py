@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["cosine_matrix", "cosine_scores", "embed", "read_text", "require_file"]
+__all__ = ["cosine_matrix", "cosine_scores", "embed", "pair_cosine_scores", "read_text", "require_file"]
 
 
 def require_file(path: str | Path, what: str) -> Path:

@@ -143,7 +143,7 @@ def test_cli_train_from_yaml_with_overrides(tiny_llama_dir, text_file, tmp_path,
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["steps"] == 2 and printed["run_dir"] == str(out)
     saved = json.loads((out / "simcse_config.json").read_text())
-    assert saved["steps"] == 2 and saved["batch_size"] == 4 and saved["attention_dropout"] == 0.3
+    assert saved["steps"] == 2 and saved["batch_size"] == 4 and saved["attention_dropout"] == 0.1
     assert main(["train", "mntp", "--model", str(tiny_llama_dir), "--data", str(tmp_path / "nope.txt")]) == 1
     assert "data file" in capsys.readouterr().err
     config.write_text("steps: 2\nlearning_rat: 0.1\n")

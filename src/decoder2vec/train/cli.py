@@ -56,10 +56,23 @@ def _sts(encoder, pairs, label: str, results: dict) -> None:
     print(f"STS-B test Spearman {label:<24} {score:6.2f}   ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
+def _train_and_score(config, name: str, label: str, pairs, results: dict) -> None:
+    """Train one pipeline stage, record its training time, and score the trained encoder on STS-B."""
+    from .run import train
+
+    print(
+        f"{name}: {config.steps} steps x batch {config.batch_size} x {config.max_seq_length} tokens, "
+        f"lr {config.learning_rate}",
+        flush=True,
+    )
+    trained = train(config)
+    results[f"{config.stage}_train_seconds"] = trained.log[-1]["seconds"] if trained.log else 0
+    _sts(trained.encoder, pairs, label, results)
+
+
 def _pipeline(args: argparse.Namespace) -> None:
     from ..eval.sts import STSPairs, read_sts_tsv
     from ..model import Encoder
-    from .run import train
 
     if args.threads:
         import torch
@@ -93,15 +106,7 @@ def _pipeline(args: argparse.Namespace) -> None:
     _sts(Encoder.from_pretrained(args.model), pairs, "untrained bidirectional", results)
 
     mntp = MNTPConfig(**common, data=[str(files["mntp"])], output_dir=str(output / "mntp"), **_given(args, "mntp"))
-    print(
-        f"MNTP: {mntp.steps} steps x batch {mntp.batch_size} x {mntp.max_seq_length} tokens, lr {mntp.learning_rate}",
-        flush=True,
-    )
-    trained = train(mntp)
-    encoder = trained.encoder
-    results["mntp_train_seconds"] = trained.log[-1]["seconds"] if trained.log else 0
-    _sts(encoder, pairs, "after MNTP", results)
-    del encoder
+    _train_and_score(mntp, "MNTP", "after MNTP", pairs, results)
 
     simcse = SimCSEConfig(
         **common,
@@ -110,15 +115,7 @@ def _pipeline(args: argparse.Namespace) -> None:
         output_dir=str(output / "simcse"),
         **_given(args, "simcse"),
     )
-    print(
-        f"SimCSE: {simcse.steps} steps x batch {simcse.batch_size} x {simcse.max_seq_length} tokens, "
-        f"lr {simcse.learning_rate}",
-        flush=True,
-    )
-    trained = train(simcse)
-    encoder = trained.encoder
-    results["simcse_train_seconds"] = trained.log[-1]["seconds"] if trained.log else 0
-    _sts(encoder, pairs, "after MNTP + SimCSE", results)
+    _train_and_score(simcse, "SimCSE", "after MNTP + SimCSE", pairs, results)
 
     results["minutes"] = round((time.perf_counter() - start) / 60, 1)
     results["recipe"] = {"mntp": dataclasses.asdict(mntp), "simcse": dataclasses.asdict(simcse)}

@@ -7,6 +7,11 @@ same sentences (batch 32, same thread count, server idle; in a fresh process lik
 --in-process both in this one) and the ratio of the two. Offline and server alternate in rounds over the
 same sentences, so that on a shared machine both see the same load.
 
+It also prints the server's ceiling: N clients with one sentence each never have more than N texts in
+flight, so no batch exceeds N texts; the same sentences encoded offline as the server's packs of N texts,
+back to back, are the most any batching policy can serve. On a CPU a forward pass has a fixed cost (the
+weights stream from memory once per pass), so N = 16 sits below offline's batches of 32.
+
     python bench/serve_load.py [--clients 16] [--requests 20] [--rounds 4] [--threads 2] [--max-wait-ms 5]
 """
 
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 
 from decoder2vec import Encoder
-from decoder2vec.serve import ServeConfig, create_app, free_port, serve_in_thread
+from decoder2vec.serve import ServeConfig, create_app, encode_packed, free_port, serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sts" / "stsb_test.tsv"
@@ -47,14 +52,21 @@ class OfflineWorker:
 
     def __init__(self, args):
         command = [sys.executable, __file__, "--offline-worker", "--model", args.model]
-        command += ["--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+        command += [
+            "--threads",
+            str(args.threads),
+            "--batch-size",
+            str(args.batch_size),
+            "--clients",
+            str(args.clients),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def seconds(self, texts: list[str]) -> float:
+    def seconds(self, texts: list[str]) -> tuple[float, float]:
         self.process.stdin.write(json.dumps(texts) + "\n")
         self.process.stdin.flush()
-        return float(self.process.stdout.readline())
+        return tuple(json.loads(self.process.stdout.readline()))
 
     def close(self) -> None:
         self.process.stdin.close()
@@ -65,19 +77,31 @@ def offline_worker(args) -> None:
     encoder = Encoder.from_pretrained(args.model, device="cpu")
     for line in sys.stdin:
         texts = json.loads(line)
-        start = time.perf_counter()
-        encoder.encode(texts, batch_size=args.batch_size, normalize=True)
-        print(time.perf_counter() - start, flush=True)
+        print(json.dumps(offline_seconds(encoder, texts, args)), flush=True)
+
+
+def offline_seconds(encoder, texts: list[str], args) -> tuple[float, float]:
+    """Seconds to embed ``texts`` with ``Encoder.encode`` (the baseline), and as the server's packs of at most
+    ``clients`` texts: the server's ceiling when at most that many one-sentence requests are in flight."""
+    start = time.perf_counter()
+    encoder.encode(texts, batch_size=args.batch_size, normalize=True)
+    middle = time.perf_counter()
+    for i in range(0, len(texts), args.clients):
+        encode_packed(encoder, encoder.tokenize([("", t) for t in texts[i : i + args.clients]]), max_tokens=512)
+    return middle - start, time.perf_counter() - middle
 
 
 async def load(
-    url: str, sentences: list[str], clients: int, requests: int, warm_up: bool = False
-) -> tuple[list[float], int, float]:
-    """(latencies in seconds, errors, wall seconds) for clients x requests one-sentence requests."""
+    url: str, sentences: list[str], clients: int, requests: int, warm_up: bool = False, client_kind: str = "aiohttp"
+) -> tuple[list[float], int, float, float]:
+    """(latencies in seconds, errors, wall seconds, this process's CPU seconds) for clients x requests requests.
+
+    The load generator shares the machine with the server, so its own CPU time is measured and printed:
+    aiohttp (C HTTP parser) costs the server less CPU than httpx (pure-Python h11).
+    """
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+    async with _client(client_kind, url, clients) as post:
 
         async def one_client(index: int) -> None:
             nonlocal errors
@@ -85,19 +109,44 @@ async def load(
                 text = sentences[index * requests + r]
                 start = time.perf_counter()
                 try:
-                    response = await client.post("/v1/embeddings", json={"input": text, "model": "bench"})
-                    ok = response.status_code == 200 and len(response.json()["data"]) == 1
-                except httpx.HTTPError:
+                    status, body = await post({"input": text, "model": "bench"})
+                    ok = status == 200 and len(body["data"]) == 1
+                except Exception:  # any failure of the request counts as an error, never stops the run
                     ok = False
                 latencies.append(time.perf_counter() - start)
                 errors += not ok
 
         if warm_up:
-            await asyncio.gather(*(client.post("/v1/embeddings", json={"input": s}) for s in sentences[:clients]))
-        start = time.perf_counter()
+            await asyncio.gather(*(post({"input": s}) for s in sentences[:clients]))
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one_client(i) for i in range(clients)))
-        wall = time.perf_counter() - start
-    return latencies, errors, wall
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return latencies, errors, wall, cpu
+
+
+@contextlib.asynccontextmanager
+async def _client(kind: str, url: str, connections: int):
+    """An async ``post(json_body) -> (status, parsed body)`` over ``connections`` keep-alive connections."""
+    if kind == "aiohttp":
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=connections)
+        async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(120)) as session:
+
+            async def post(body):
+                async with session.post("/v1/embeddings", json=body) as response:
+                    return response.status, await response.json()
+
+            yield post
+    else:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+            async def post(body):
+                response = await client.post("/v1/embeddings", json=body)
+                return response.status_code, response.json()
+
+            yield post
 
 
 def wait_ready(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
@@ -125,6 +174,9 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--wait-fraction", type=float, default=0.1, help="server window: fraction of the last batch")
     parser.add_argument("--pack-tokens", type=int, default=512, help="server packs (0: padded batches)")
+    parser.add_argument(
+        "--client", choices=["aiohttp", "httpx"], default="aiohttp", help="load generator's HTTP client"
+    )
     parser.add_argument("--in-process", action="store_true", help="server and offline encode in this process")
     parser.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -140,16 +192,14 @@ def main() -> None:
         f"model {args.model}, {args.clients} clients x {per_round * args.rounds} requests x 1 sentence in "
         f"{args.rounds} rounds, {args.threads} torch threads, batch {args.batch_size}, "
         f"wait window {args.max_wait_ms} ms or {args.wait_fraction} of the last batch, packs of {args.pack_tokens} "
-        f"tokens, server {'in this process' if args.in_process else 'in its own process (decoder2vec serve)'}",
+        f"tokens, {args.client} clients, server {'in this process' if args.in_process else 'in its own process (decoder2vec serve)'}",
         flush=True,
     )
     if args.in_process:
         encoder = Encoder.from_pretrained(args.model, device="cpu")
 
-        def offline_seconds_for(texts: list[str]) -> float:
-            start = time.perf_counter()
-            encoder.encode(texts, batch_size=args.batch_size, normalize=True)
-            return time.perf_counter() - start
+        def offline_seconds_for(texts: list[str]) -> tuple[float, float]:
+            return offline_seconds(encoder, texts, args)
 
     else:
         worker = OfflineWorker(args)
@@ -173,18 +223,20 @@ def main() -> None:
             command + ["--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         wait_ready(url, server)
-    latencies, errors, server_seconds, offline_seconds = [], 0, 0.0, 0.0
+    latencies, errors, server_seconds, offline_total, packed_total, client_cpu = [], 0, 0.0, 0.0, 0.0, 0.0
     stderr = ""
     try:
         for r in range(args.rounds):
             chunk = sentences[r * args.clients * per_round : (r + 1) * args.clients * per_round]
-            offline_round = offline_seconds_for(chunk)
-            round_latencies, round_errors, server_round = asyncio.run(
-                load(url, chunk, args.clients, per_round, warm_up=r == 0)
+            offline_round, packed_round = offline_seconds_for(chunk)
+            round_latencies, round_errors, server_round, round_cpu = asyncio.run(
+                load(url, chunk, args.clients, per_round, warm_up=r == 0, client_kind=args.client)
             )
+            client_cpu += round_cpu
             latencies += round_latencies
             errors += round_errors
-            offline_seconds += offline_round
+            offline_total += offline_round
+            packed_total += packed_round
             server_seconds += server_round
             print(
                 f"round {r + 1}/{args.rounds}: offline {len(chunk) / offline_round:6.1f} sentences/s, "
@@ -200,7 +252,8 @@ def main() -> None:
             server.terminate()
             _, stderr = server.communicate(timeout=30)
     served = total / server_seconds
-    offline = total / offline_seconds
+    offline = total / offline_total
+    ceiling = total / packed_total
     lat = np.array(latencies) * 1000
     print(
         f"server : {served:7.1f} requests/s  {served:7.1f} sentences/s  "
@@ -211,7 +264,17 @@ def main() -> None:
     print(
         f"offline: {offline:7.1f} sentences/s (Encoder.encode, batch {args.batch_size}, same sentences, same rounds)"
     )
+    print(
+        f"load generator ({args.client}): {client_cpu:.1f} CPU s in {server_seconds:.1f} s of load "
+        f"({100 * client_cpu / server_seconds:.0f}% of one core, shared with the server)"
+    )
+    print(
+        f"ceiling: {ceiling:7.1f} sentences/s (the server's packs of {args.clients} texts, the most that "
+        f"{args.clients} one-sentence clients can have in flight, encoded back to back) = {ceiling / offline:.2f} "
+        "of offline"
+    )
     print(f"ratio server/offline: {served / offline:.2f} (target >= 0.90 with 16 clients, zero errors)")
+    print(f"ratio server/ceiling: {served / ceiling:.2f}")
     if errors and stderr:
         print("server stderr (tail):", stderr[-2000:], file=sys.stderr)
 

@@ -11,7 +11,7 @@ import pytest
 import decoder2vec.serve as serve_module
 from decoder2vec import Encoder
 from decoder2vec.cli import main
-from decoder2vec.serve import ServeConfig, can_pack, create_app, encode_packed, serve_in_thread
+from decoder2vec.serve import DynamicBatcher, ServeConfig, can_pack, create_app, encode_packed, serve_in_thread
 
 TEXTS = ["A man is playing a guitar.", "The cat sits on the mat.", "Paris is the capital of France.", "x"]
 KEY = "test-key"
@@ -150,6 +150,25 @@ def test_concurrent_requests_are_batched_together(encoder, pack_tokens):
     assert batches <= 3, f"{len(texts)} concurrent requests took {batches} encode calls"
     expected = encoder.encode(texts, normalize=True)
     np.testing.assert_allclose([results[i] for i in range(len(texts))], expected, atol=1e-5)
+
+
+def test_batcher_stops_waiting_once_the_answered_clients_are_back(encoder):
+    batcher = DynamicBatcher(encoder, batch_size=64, max_wait_ms=50, wait_fraction=0.0)
+    try:
+        first = [batcher.submit([("", f"first round {i}")]) for i in range(3)]
+        for future in first:
+            future.result(timeout=20)
+        assert (batcher.batches, batcher.texts) == (1, 3)
+        # Now a 60 s window: only the rule "as many texts as the last batch answered are back" lets the
+        # second round finish within the 20 s allowed, and as one batch.
+        batcher.max_wait = 60.0
+        texts = [f"second round {i}" for i in range(3)]
+        second = [batcher.submit([("", text)]) for text in texts]
+        vectors = np.concatenate([future.result(timeout=20)[0].numpy() for future in second])
+        assert (batcher.batches, batcher.texts) == (2, 6)
+        np.testing.assert_allclose(vectors, encoder.encode(texts), atol=1e-5)
+    finally:
+        batcher.close()
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ Endpoints::
     GET  /v1/models       the one model served
     GET  /health          liveness, model, dimension, batches run
 
-Concurrent requests are queued and encoded together: a worker thread takes the first waiting request,
-collects more for up to ``max_wait_ms``, or ``wait_fraction`` of the last batch's encode time when that is
-longer (clients just answered come back a moment later), or until ``batch_size`` texts are waiting, and
-encodes them together. A batch is encoded as padding-free packs (texts end to end, each attending only
+Concurrent requests are queued and encoded together: a worker thread takes the first waiting request and
+collects more until as many texts wait as the last batch answered (those clients are back), or
+``batch_size`` texts wait, or ``max_wait_ms`` (or ``wait_fraction`` of the last batch's encode time, when
+longer) has passed, then encodes them together. A batch is encoded as padding-free packs (texts end to end, each attending only
 to itself, see :func:`encode_packed`), so short requests of mixed lengths cost no padding; models with
 sliding-window attention use ``Encoder.encode``'s padded batches. Every error answers with an OpenAI-style body
 ``{"error": {"message", "type", "param", "code"}}``, never a stack trace.
@@ -122,6 +122,7 @@ class DynamicBatcher:
         self.max_wait = max_wait_ms / 1000
         self.wait_fraction = wait_fraction
         self._last_seconds = 0.0  # how long the last batch took to encode
+        self._last_texts = 0  # how many texts it answered
         self.batches = 0  # encode calls so far
         self.texts = 0
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -144,11 +145,14 @@ class DynamicBatcher:
             if first is None:
                 break
             jobs, waiting = [first], len(first.pairs)
-            # Clients answered by the last batch come back a little later (their responses are still being
-            # written): waiting a small fraction of a forward pass for them doubles the next batch.
+            # Clients answered by the last batch come back a moment later (their responses are still being
+            # written and read): wait for them within the window, but stop waiting once as many texts are
+            # here as the last batch answered, since under steady load a longer wait only idles the model.
+            # Requests already queued always join, up to batch_size.
             deadline = time.monotonic() + max(self.max_wait, min(self.wait_fraction * self._last_seconds, 0.25))
+            enough = min(self.batch_size, self._last_texts) or self.batch_size
             while waiting < self.batch_size:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - time.monotonic() if waiting < enough else 0
                 try:
                     job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
@@ -179,6 +183,7 @@ class DynamicBatcher:
                 job.future.set_exception(error)
             return
         self._last_seconds = time.monotonic() - start
+        self._last_texts = len(pairs)
         self.batches += 1
         self.texts += len(pairs)
         start = 0
@@ -289,9 +294,7 @@ def create_app(encoder, config: ServeConfig | None = None):
     app = FastAPI(title="decoder2vec embeddings", lifespan=lifespan)
     app.state.config = config
 
-    def error(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
-        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-        return JSONResponse(body, status_code=status)
+    error = _error_response
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -314,14 +317,8 @@ def create_app(encoder, config: ServeConfig | None = None):
         logger.exception("unexpected error on %s", request.url.path)
         return error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {config.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return error(401, "missing or incorrect API key (Authorization: Bearer KEY)", code="invalid_api_key")
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(_RequireAPIKey, key=config.api_key)
 
     @app.get("/health")
     async def health():
@@ -375,6 +372,35 @@ def create_app(encoder, config: ServeConfig | None = None):
         return JSONResponse({"object": "list", "data": data, "model": model_id, "usage": usage})
 
     return app
+
+
+def _error_response(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+    from fastapi.responses import JSONResponse
+
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class _RequireAPIKey:
+    """ASGI middleware: /v1 requests need ``Authorization: Bearer KEY`` (401 otherwise).
+
+    A plain ASGI class rather than ``@app.middleware("http")``, whose per-request task and stream
+    plumbing costs more than the check itself under many small requests.
+    """
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = _error_response(
+                    401, "missing or incorrect API key (Authorization: Bearer KEY)", code="invalid_api_key"
+                )
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _location(problem: dict) -> str:

@@ -224,15 +224,18 @@ def main() -> None:
         )
         wait_ready(url, server)
     latencies, errors, server_seconds, offline_total, packed_total, client_cpu = [], 0, 0.0, 0.0, 0.0, 0.0
+    busy_seconds = 0.0  # the server's time inside encode calls during the load
     stderr = ""
     try:
         for r in range(args.rounds):
             chunk = sentences[r * args.clients * per_round : (r + 1) * args.clients * per_round]
             offline_round, packed_round = offline_seconds_for(chunk)
+            busy_before = httpx.get(url + "/health").json()["busy_seconds"]
             round_latencies, round_errors, server_round, round_cpu = asyncio.run(
                 load(url, chunk, args.clients, per_round, warm_up=r == 0, client_kind=args.client)
             )
             client_cpu += round_cpu
+            busy_seconds += httpx.get(url + "/health").json()["busy_seconds"] - busy_before
             latencies += round_latencies
             errors += round_errors
             offline_total += offline_round
@@ -263,6 +266,10 @@ def main() -> None:
     )
     print(
         f"offline: {offline:7.1f} sentences/s (Encoder.encode, batch {args.batch_size}, same sentences, same rounds)"
+    )
+    print(
+        f"server model busy {busy_seconds:.1f} s of {server_seconds:.1f} s ({100 * busy_seconds / server_seconds:.0f}%; "
+        "the rest: waiting for the answered clients' next requests, and HTTP)"
     )
     print(
         f"load generator ({args.client}): {client_cpu:.1f} CPU s in {server_seconds:.1f} s of load "

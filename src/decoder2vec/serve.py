@@ -125,6 +125,7 @@ class DynamicBatcher:
         self._last_texts = 0  # how many texts it answered
         self.batches = 0  # encode calls so far
         self.texts = 0
+        self.busy_seconds = 0.0  # time spent encoding: busy_seconds / uptime is the model's utilization
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="decoder2vec-batcher", daemon=True)
         self._thread.start()
@@ -186,6 +187,7 @@ class DynamicBatcher:
         self._last_texts = len(pairs)
         self.batches += 1
         self.texts += len(pairs)
+        self.busy_seconds += self._last_seconds
         start = 0
         for job in jobs:
             end = start + len(job.pairs)
@@ -329,6 +331,7 @@ def create_app(encoder, config: ServeConfig | None = None):
             "dim": encoder.dim,
             "batches": batcher.batches if batcher else 0,
             "texts": batcher.texts if batcher else 0,
+            "busy_seconds": round(batcher.busy_seconds, 3) if batcher else 0.0,
         }
 
     @app.get("/v1/models")

@@ -11,9 +11,9 @@ Endpoints::
 Concurrent requests are queued and encoded together: a worker thread takes the first waiting request and
 collects more until as many texts wait as the last batch answered (those clients are back), or
 ``batch_size`` texts wait, or ``max_wait_ms`` (or ``wait_fraction`` of the last batch's encode time, when
-longer) has passed, then encodes them together. A batch is encoded as padding-free packs (texts end to end, each attending only
-to itself, see :func:`encode_packed`), so short requests of mixed lengths cost no padding; models with
-sliding-window attention use ``Encoder.encode``'s padded batches. Every error answers with an OpenAI-style body
+longer) has passed, then encodes them together. A batch is encoded as padding-free packs (texts end to
+end, each attending only to itself, see :func:`encode_packed`), so short requests of mixed lengths cost no
+padding; models with sliding-window attention use ``Encoder.encode``'s padded batches. Every error answers with an OpenAI-style body
 ``{"error": {"message", "type", "param", "code"}}``, never a stack trace.
 
 Example::

@@ -4,15 +4,19 @@ Starts the server as a subprocess (the real CLI), then N concurrent clients each
 one sentence (STS-B test sentences), one request at a time per client. Prints requests/s,
 sentences/s, p50/p99 latency and errors, then the offline ``Encoder.encode`` throughput of the
 same sentences (batch 32, same thread count, server idle; in a fresh process like the server's, or with
---in-process both in this one) and the ratio of the two. Offline and server alternate in rounds over the
-same sentences, so that on a shared machine both see the same load.
+--in-process both in this one) and the ratio of the two.
+
+This VM's speed drifts by up to 2x within a minute, so the two sides alternate in short rounds (by
+default two requests per client), in ABBA order: offline first in even rounds, the server first in odd
+ones. The offline baseline is one ``Encoder.encode`` call over all the sentences (sorted by length,
+batches of 32), timed in pieces: its batches are dealt out to the rounds (see offline_shares).
 
 It also prints the server's ceiling: N clients with one sentence each never have more than N texts in
 flight, so no batch exceeds N texts; the same sentences encoded offline as the server's packs of N texts,
-back to back, are the most any batching policy can serve. On a CPU a forward pass has a fixed cost (the
-weights stream from memory once per pass), so N = 16 sits below offline's batches of 32.
+back to back, are the most any batching policy can serve. On a CPU a forward pass has a fixed cost, so
+N = 16 can sit below offline's batches of 32.
 
-    python bench/serve_load.py [--clients 16] [--requests 20] [--rounds 4] [--threads 2] [--max-wait-ms 5]
+    python bench/serve_load.py [--clients 16] [--requests 40] [--rounds 20] [--verbose] [--threads 2] [--max-wait-ms 5]
 """
 
 import argparse
@@ -20,9 +24,11 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -48,7 +54,7 @@ def read_sentences(path: Path, count: int) -> list[str]:
 
 
 class OfflineWorker:
-    """``Encoder.encode`` timed in a fresh process of its own, like the server's (one JSON list of texts a line)."""
+    """The offline side in a fresh process of its own, like the server's: one JSON request a line (see offline_call)."""
 
     def __init__(self, args):
         command = [sys.executable, __file__, "--offline-worker", "--model", args.model]
@@ -63,10 +69,10 @@ class OfflineWorker:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def seconds(self, texts: list[str]) -> tuple[float, float]:
-        self.process.stdin.write(json.dumps(texts) + "\n")
+    def __call__(self, request: dict):
+        self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
-        return tuple(json.loads(self.process.stdout.readline()))
+        return json.loads(self.process.stdout.readline())
 
     def close(self) -> None:
         self.process.stdin.close()
@@ -76,24 +82,39 @@ class OfflineWorker:
 def offline_worker(args) -> None:
     encoder = Encoder.from_pretrained(args.model, device="cpu")
     for line in sys.stdin:
-        texts = json.loads(line)
-        print(json.dumps(offline_seconds(encoder, texts, args)), flush=True)
+        print(json.dumps(offline_call(encoder, json.loads(line), args)), flush=True)
 
 
-def offline_seconds(encoder, texts: list[str], args) -> tuple[float, float]:
-    """Seconds to embed ``texts`` with ``Encoder.encode`` (the baseline), and as the server's packs of at most
-    ``clients`` texts: the server's ceiling when at most that many one-sentence requests are in flight."""
+def offline_call(encoder, request: dict, args):
+    """``{"lengths": texts}``: token counts. ``{"encode": texts, "packs": texts}``: seconds to embed the first
+    with ``Encoder.encode`` (the baseline), and the second as the server's packs of at most ``clients`` texts
+    (the server's ceiling when at most that many one-sentence requests are in flight)."""
+    if "lengths" in request:
+        return [len(f.input_ids) for f in encoder.tokenize([("", t) for t in request["lengths"]])]
     start = time.perf_counter()
-    encoder.encode(texts, batch_size=args.batch_size, normalize=True)
+    encoder.encode(request["encode"], batch_size=args.batch_size, normalize=True)
     middle = time.perf_counter()
+    texts = request["packs"]
     for i in range(0, len(texts), args.clients):
         encode_packed(encoder, encoder.tokenize([("", t) for t in texts[i : i + args.clients]]), max_tokens=512)
-    return middle - start, time.perf_counter() - middle
+    return [middle - start, time.perf_counter() - middle]
 
 
-async def load(
-    url: str, sentences: list[str], clients: int, requests: int, warm_up: bool = False, client_kind: str = "aiohttp"
-) -> tuple[list[float], int, float, float]:
+def offline_shares(lengths: list[int], batch_size: int, rounds: int) -> list[list[int]]:
+    """Offline encode's batches of the whole sentence list, dealt out to the rounds.
+
+    ``Encoder.encode`` of all the sentences sorts them by length and pads each batch of ``batch_size`` to its
+    longest; a round's handful of sentences would be padded far more. So the baseline is that whole call,
+    timed in pieces: its batches, shuffled (seed 0) and dealt to the rounds, each round's share encoded in one
+    call (which forms the same batches again).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    random.Random(0).shuffle(batches)
+    return [[i for batch in batches[r::rounds] for i in batch] for r in range(rounds)]
+
+
+async def load(post, sentences: list[str], clients: int, requests: int) -> tuple[list[float], int, float, float]:
     """(latencies in seconds, errors, wall seconds, this process's CPU seconds) for clients x requests requests.
 
     The load generator shares the machine with the server, so its own CPU time is measured and printed:
@@ -101,41 +122,38 @@ async def load(
     """
     latencies: list[float] = []
     errors = 0
-    async with _client(client_kind, url, clients) as post:
 
-        async def one_client(index: int) -> None:
-            nonlocal errors
-            for r in range(requests):
-                text = sentences[index * requests + r]
-                start = time.perf_counter()
-                try:
-                    status, body = await post({"input": text, "model": "bench"})
-                    ok = status == 200 and len(body["data"]) == 1
-                except Exception:  # any failure of the request counts as an error, never stops the run
-                    ok = False
-                latencies.append(time.perf_counter() - start)
-                errors += not ok
+    async def one_client(index: int) -> None:
+        nonlocal errors
+        for r in range(requests):
+            text = sentences[index * requests + r]
+            start = time.perf_counter()
+            try:
+                status, body = await post({"input": text, "model": "bench"})
+                ok = status == 200 and len(body["data"]) == 1
+            except Exception:  # any failure of the request counts as an error, never stops the run
+                ok = False
+            latencies.append(time.perf_counter() - start)
+            errors += not ok
 
-        if warm_up:
-            await asyncio.gather(*(post({"input": s}) for s in sentences[:clients]))
-        start, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(one_client(i) for i in range(clients)))
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return latencies, errors, wall, cpu
+    start, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
+    return latencies, errors, time.perf_counter() - start, time.process_time() - cpu
 
 
 @contextlib.asynccontextmanager
 async def _client(kind: str, url: str, connections: int):
     """An async ``post(json_body) -> (status, parsed body)`` over ``connections`` keep-alive connections."""
-    if kind == "aiohttp":
+    if kind == "aiohttp":  # with orjson to read the answers, as a load generator should cost the server little
         import aiohttp
+        import orjson
 
         connector = aiohttp.TCPConnector(limit=connections)
         async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(120)) as session:
 
             async def post(body):
                 async with session.post("/v1/embeddings", json=body) as response:
-                    return response.status, await response.json()
+                    return response.status, await response.json(loads=orjson.loads)
 
             yield post
     else:
@@ -147,6 +165,65 @@ async def _client(kind: str, url: str, connections: int):
                 return response.status_code, response.json()
 
             yield post
+
+
+@dataclass
+class Totals:
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    server_seconds: float = 0.0
+    offline_seconds: float = 0.0
+    packed_seconds: float = 0.0  # the ceiling: the same texts as the server's packs
+    busy_seconds: float = 0.0  # the server's time inside encode calls during the load
+    client_cpu: float = 0.0
+    ratios: list[float] = field(default_factory=list)  # server/offline, one a round
+
+
+async def measure(args, url: str, sentences: list[str], run_offline) -> Totals:
+    """Alternate offline encode and the server load over the same sentences, one round after another.
+
+    ABBA order: offline first in even rounds, the server first in odd ones, so that a machine whose speed
+    drifts during the run (this VM's does, by up to 2x within a minute) favours neither side; short rounds
+    (by default two requests per client: one offline batch of 32) make the alternation fine. The clients
+    keep their connections from round to round, as a real client pool does.
+    """
+    totals = Totals()
+    per_round = args.requests // args.rounds
+    size = args.clients * per_round
+    shares = offline_shares(run_offline({"lengths": sentences}), args.batch_size, args.rounds)
+
+    def busy() -> float:
+        return httpx.get(url + "/health").json()["busy_seconds"]
+
+    async with _client(args.client, url, args.clients) as post:
+        for _ in range(3):  # a few full batches before anything is timed
+            await asyncio.gather(*(post({"input": s}) for s in sentences[: args.clients]))
+        for r in range(args.rounds):
+            chunk = sentences[r * size : (r + 1) * size]
+            request = {"encode": [sentences[i] for i in shares[r]], "packs": chunk}
+            if r % 2 == 0:  # in a thread, so that the loop still sees idle connections the server closes
+                offline, packed = await asyncio.to_thread(run_offline, request)
+            busy_before = busy()
+            latencies, errors, wall, cpu = await load(post, chunk, args.clients, per_round)
+            busy_round = busy() - busy_before
+            if r % 2 == 1:
+                offline, packed = await asyncio.to_thread(run_offline, request)
+            totals.latencies += latencies
+            totals.errors += errors
+            totals.server_seconds += wall
+            totals.offline_seconds += offline
+            totals.packed_seconds += packed
+            totals.busy_seconds += busy_round
+            totals.client_cpu += cpu
+            totals.ratios.append((offline / len(shares[r])) / (wall / size))
+            if args.verbose:
+                print(
+                    f"round {r + 1}/{args.rounds} ({'offline first' if r % 2 == 0 else 'server first'}): "
+                    f"offline {len(shares[r]) / offline:5.1f}, ceiling {size / packed:5.1f}, server {size / wall:5.1f} "
+                    f"sentences/s (model busy {100 * busy_round / wall:.0f}%), server/offline {totals.ratios[-1]:.2f}",
+                    flush=True,
+                )
+    return totals
 
 
 def wait_ready(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
@@ -167,8 +244,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=20, help="requests per client (one sentence each)")
-    parser.add_argument("--rounds", type=int, default=4, help="offline and server alternate this many times")
+    parser.add_argument("--requests", type=int, default=40, help="requests per client (one sentence each)")
+    parser.add_argument("--rounds", type=int, default=20, help="offline and server alternate this many times")
+    parser.add_argument("--verbose", action="store_true", help="print every round")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, offline and in the server")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -198,13 +276,13 @@ def main() -> None:
     if args.in_process:
         encoder = Encoder.from_pretrained(args.model, device="cpu")
 
-        def offline_seconds_for(texts: list[str]) -> tuple[float, float]:
-            return offline_seconds(encoder, texts, args)
+        def run_offline(request: dict):
+            return offline_call(encoder, request, args)
 
     else:
         worker = OfflineWorker(args)
-        offline_seconds_for = worker.seconds
-    offline_seconds_for(sentences[: args.batch_size])  # warm-up
+        run_offline = worker
+    run_offline({"encode": sentences[: args.batch_size], "packs": sentences[: args.clients]})  # warm-up
 
     settings = {"batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms, "wait_fraction": args.wait_fraction}
     settings["pack_tokens"] = args.pack_tokens
@@ -223,29 +301,9 @@ def main() -> None:
             command + ["--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         wait_ready(url, server)
-    latencies, errors, server_seconds, offline_total, packed_total, client_cpu = [], 0, 0.0, 0.0, 0.0, 0.0
-    busy_seconds = 0.0  # the server's time inside encode calls during the load
     stderr = ""
     try:
-        for r in range(args.rounds):
-            chunk = sentences[r * args.clients * per_round : (r + 1) * args.clients * per_round]
-            offline_round, packed_round = offline_seconds_for(chunk)
-            busy_before = httpx.get(url + "/health").json()["busy_seconds"]
-            round_latencies, round_errors, server_round, round_cpu = asyncio.run(
-                load(url, chunk, args.clients, per_round, warm_up=r == 0, client_kind=args.client)
-            )
-            client_cpu += round_cpu
-            busy_seconds += httpx.get(url + "/health").json()["busy_seconds"] - busy_before
-            latencies += round_latencies
-            errors += round_errors
-            offline_total += offline_round
-            packed_total += packed_round
-            server_seconds += server_round
-            print(
-                f"round {r + 1}/{args.rounds}: offline {len(chunk) / offline_round:6.1f} sentences/s, "
-                f"server {len(chunk) / server_round:6.1f} sentences/s",
-                flush=True,
-            )
+        totals = asyncio.run(measure(args, url, sentences, run_offline))
         health = httpx.get(url + "/health").json()
     finally:
         stack.close()
@@ -254,10 +312,11 @@ def main() -> None:
         if server is not None:
             server.terminate()
             _, stderr = server.communicate(timeout=30)
-    served = total / server_seconds
-    offline = total / offline_total
-    ceiling = total / packed_total
-    lat = np.array(latencies) * 1000
+    served = total / totals.server_seconds
+    offline = total / totals.offline_seconds
+    ceiling = total / totals.packed_seconds
+    lat = np.array(totals.latencies) * 1000
+    errors = totals.errors
     print(
         f"server : {served:7.1f} requests/s  {served:7.1f} sentences/s  "
         f"p50 {np.percentile(lat, 50):6.0f} ms  p99 {np.percentile(lat, 99):6.0f} ms  errors {errors}/{total}  "
@@ -265,20 +324,27 @@ def main() -> None:
         f"{health['texts'] / max(health['batches'], 1):.1f} a call)"
     )
     print(
-        f"offline: {offline:7.1f} sentences/s (Encoder.encode, batch {args.batch_size}, same sentences, same rounds)"
+        f"offline: {offline:7.1f} sentences/s (Encoder.encode of the same sentences, batch {args.batch_size}, "
+        "timed in pieces between the server's rounds)"
     )
+    busy, seconds = totals.busy_seconds, totals.server_seconds
     print(
-        f"server model busy {busy_seconds:.1f} s of {server_seconds:.1f} s ({100 * busy_seconds / server_seconds:.0f}%; "
+        f"server model busy {busy:.1f} s of {seconds:.1f} s ({100 * busy / seconds:.0f}%; "
         "the rest: waiting for the answered clients' next requests, and HTTP)"
     )
     print(
-        f"load generator ({args.client}): {client_cpu:.1f} CPU s in {server_seconds:.1f} s of load "
-        f"({100 * client_cpu / server_seconds:.0f}% of one core, shared with the server)"
+        f"load generator ({args.client}): {totals.client_cpu:.1f} CPU s in {seconds:.1f} s of load "
+        f"({100 * totals.client_cpu / seconds:.0f}% of one core, shared with the server)"
     )
     print(
         f"ceiling: {ceiling:7.1f} sentences/s (the server's packs of {args.clients} texts, the most that "
         f"{args.clients} one-sentence clients can have in flight, encoded back to back) = {ceiling / offline:.2f} "
         "of offline"
+    )
+    q1, median, q3 = np.percentile(totals.ratios, [25, 50, 75])
+    print(
+        f"per-round server/offline: median {median:.2f}, quartiles {q1:.2f}-{q3:.2f} over {args.rounds} rounds "
+        "(the spread is this machine's drift)"
     )
     print(f"ratio server/offline: {served / offline:.2f} (target >= 0.90 with 16 clients, zero errors)")
     print(f"ratio server/ceiling: {served / ceiling:.2f}")

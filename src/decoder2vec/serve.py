@@ -258,11 +258,11 @@ def create_app(encoder, config: ServeConfig | None = None):
     """A FastAPI app serving ``encoder``; the batcher starts and stops with the app."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     config = config or ServeConfig()
+    FastJSONResponse = _fast_json_response_class()
     model_id = config.model_name or encoder.source or "decoder2vec"
     created = int(time.time())
     state: dict = {}
@@ -372,7 +372,7 @@ def create_app(encoder, config: ServeConfig | None = None):
         ]
         tokens = int(sum(counts))
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return JSONResponse({"object": "list", "data": data, "model": model_id, "usage": usage})
+        return FastJSONResponse({"object": "list", "data": data, "model": model_id, "usage": usage})
 
     return app
 
@@ -413,7 +413,25 @@ def _location(problem: dict) -> str:
 def _encode_vector(row: np.ndarray, encoding_format: str):
     if encoding_format == "base64":  # little-endian bytes of the row's dtype (float32 for float vectors)
         return base64.b64encode(np.ascontiguousarray(row, dtype=row.dtype.newbyteorder("<")).tobytes()).decode()
-    return row.tolist()
+    return np.ascontiguousarray(row)  # written as a JSON list by the orjson response
+
+
+def _fast_json_response_class():
+    """A JSONResponse that writes numpy rows with orjson.
+
+    The standard ``json.dumps`` of a 576-float ``tolist()`` takes about 0.7 ms, and the event loop writes
+    the responses of a whole batch one after another while the model waits for those clients' next
+    requests: 16 responses held the model idle about 11 ms per batch (5% of the load test). orjson writes
+    the numpy row directly in about 0.03 ms, float32 values in their shortest exact form.
+    """
+    import orjson
+    from fastapi.responses import JSONResponse
+
+    class FastJSONResponse(JSONResponse):
+        def render(self, content) -> bytes:
+            return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    return FastJSONResponse
 
 
 # ---------------------------------------------------------------------- running it

@@ -176,7 +176,6 @@ class Totals:
     packed_seconds: float = 0.0  # the ceiling: the same texts as the server's packs
     busy_seconds: float = 0.0  # the server's time inside encode calls during the load
     client_cpu: float = 0.0
-    ratios: list[float] = field(default_factory=list)  # server/offline, one a round
 
 
 async def measure(args, url: str, sentences: list[str], run_offline) -> Totals:
@@ -215,12 +214,11 @@ async def measure(args, url: str, sentences: list[str], run_offline) -> Totals:
             totals.packed_seconds += packed
             totals.busy_seconds += busy_round
             totals.client_cpu += cpu
-            totals.ratios.append((offline / len(shares[r])) / (wall / size))
             if args.verbose:
                 print(
                     f"round {r + 1}/{args.rounds} ({'offline first' if r % 2 == 0 else 'server first'}): "
                     f"offline {len(shares[r]) / offline:5.1f}, ceiling {size / packed:5.1f}, server {size / wall:5.1f} "
-                    f"sentences/s (model busy {100 * busy_round / wall:.0f}%), server/offline {totals.ratios[-1]:.2f}",
+                    f"sentences/s (model busy {100 * busy_round / wall:.0f}%; offline encodes other sentences each round)",
                     flush=True,
                 )
     return totals
@@ -340,11 +338,6 @@ def main() -> None:
         f"ceiling: {ceiling:7.1f} sentences/s (the server's packs of {args.clients} texts, the most that "
         f"{args.clients} one-sentence clients can have in flight, encoded back to back) = {ceiling / offline:.2f} "
         "of offline"
-    )
-    q1, median, q3 = np.percentile(totals.ratios, [25, 50, 75])
-    print(
-        f"per-round server/offline: median {median:.2f}, quartiles {q1:.2f}-{q3:.2f} over {args.rounds} rounds "
-        "(the spread is this machine's drift)"
     )
     print(f"ratio server/offline: {served / offline:.2f} (target >= 0.90 with 16 clients, zero errors)")
     print(f"ratio server/ceiling: {served / ceiling:.2f}")

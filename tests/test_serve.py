@@ -1,7 +1,12 @@
 """The embeddings server, in-process on loopback: the official openai client, raw HTTP errors, dynamic batching."""
 
 import base64
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -173,6 +178,71 @@ def test_batcher_stops_waiting_once_the_answered_clients_are_back(encoder):
         batcher.close()
 
 
+# Run in a fresh interpreter: an OpenMP team formed earlier by a thread of this test process that has since
+# exited still counts for libgomp, which would keep the sleep/wake cycle going whatever this test releases.
+_OPENMP_PROBE = """
+import sys, threading
+from pathlib import Path
+import torch
+from decoder2vec.serve import release_openmp_threads
+
+def switches():
+    total = 0
+    for status in Path("/proc/self/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches"):
+                total += int(line.split()[1])
+    return total
+
+x = torch.ones(1 << 20)
+torch.set_num_threads(int(sys.argv[1]))
+torch.add(x, 1.0, out=x)  # 1M elements: the main thread's team of OpenMP threads now exists
+if sys.argv[2] == "release" and not release_openmp_threads():
+    print("unsupported")
+    sys.exit()
+counts = []
+
+def work():  # like the batcher: another thread, with a team of its own
+    torch.add(x, 1.0, out=x)
+    start = switches()
+    for _ in range(200):
+        torch.add(x, 1.0, out=x)
+    counts.append(switches() - start)
+
+worker = threading.Thread(target=work)
+worker.start()
+worker.join()
+print(counts[0])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GNU OpenMP (torch's Linux wheels)")
+def test_releasing_the_callers_openmp_team_stops_the_batcher_threads_sleep_wake_cycle():
+    # libgomp stops spin-waiting between parallel regions once its threads outnumber the CPUs: with the
+    # caller's team and the batcher's, every op then puts the batcher's team to sleep and wakes it again.
+    cpus = os.cpu_count() or 1
+    if cpus < 2:
+        pytest.skip("needs at least two CPUs for a parallel team")
+
+    def probe(mode: str) -> str:
+        command = [sys.executable, "-c", _OPENMP_PROBE, str(cpus), mode]
+        return subprocess.run(command, capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+
+    throttled = probe("keep")
+    released = probe("release")
+    if released == "unsupported":
+        pytest.skip("no libgomp with omp_pause_resource_all in this process")
+    assert int(throttled) > 100, f"expected the sleep/wake cycle with two teams, saw {throttled} switches"
+    assert int(released) < int(throttled) / 5, (throttled, released)
+
+
+def test_create_app_releases_the_callers_openmp_team(encoder, monkeypatch):
+    calls = []
+    monkeypatch.setattr(serve_module, "release_openmp_threads", lambda: calls.append(1) or True)
+    create_app(encoder)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -211,11 +281,39 @@ def test_only_loopback_unless_allowed():
     assert ServeConfig(host="0.0.0.0", allow_remote=True).allow_remote
 
 
+def _idle_connection_survives(url: str, idle_seconds: float) -> bool:
+    """Send a request on a raw keep-alive connection, idle, then see whether the server closed it."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request)
+        assert b"200 OK" in connection.recv(65536)
+        time.sleep(idle_seconds)
+        connection.setblocking(False)
+        try:
+            return connection.recv(1) != b""  # b"": the server closed it
+        except BlockingIOError:
+            return True  # nothing to read: still open
+
+
+def test_keep_alive_sets_how_long_idle_connections_stay_open(encoder):
+    # uvicorn's own 5 s closes connections that a client's pool is about to reuse (the load bench saw all
+    # 32 connections fail at once after a 5 s pause); the server keeps them for ServeConfig.keep_alive.
+    with serve_in_thread(create_app(encoder), keep_alive=1) as url:
+        assert not _idle_connection_survives(url, 2.0)
+    with serve_in_thread(create_app(encoder), keep_alive=10) as url:
+        assert _idle_connection_survives(url, 2.0)
+    assert ServeConfig().keep_alive == 60
+    with pytest.raises(ValueError, match="keep_alive"):
+        ServeConfig(keep_alive=0)
+
+
 def test_cli_serve(_tiny_llama_session, monkeypatch, capsys):
     answers = []
 
-    def fake_run_server(app, host, port):  # serve on a free port instead, make one request, stop
-        with serve_in_thread(app, host) as url:
+    def fake_run_server(app, host, port, keep_alive):  # serve on a free port instead, make one request, stop
+        assert keep_alive == 60
+        with serve_in_thread(app, host, keep_alive=keep_alive) as url:
             answers.append(
                 httpx.post(url + "/v1/embeddings", json={"input": ["a", "b"]}, headers={"authorization": "Bearer k"})
             )

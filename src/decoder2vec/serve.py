@@ -463,7 +463,7 @@ def _fast_json_response_class():
 
 
 # ---------------------------------------------------------------------- running it
-def run_server(app, host: str = "127.0.0.1", port: int = 8080, keep_alive: int = 60) -> None:
+def run_server(app, host: str = "127.0.0.1", port: int = 8080, keep_alive: int = ServeConfig.keep_alive) -> None:
     """Serve ``app`` with uvicorn until interrupted."""
     import uvicorn
 
@@ -477,7 +477,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app, host: str = "127.0.0.1", port: int | None = None, keep_alive: int = 60) -> Iterator[str]:
+def serve_in_thread(
+    app, host: str = "127.0.0.1", port: int | None = None, keep_alive: int = ServeConfig.keep_alive
+) -> Iterator[str]:
     """Run ``app`` with uvicorn in a background thread; yields its base URL (``http://host:port``)."""
     import uvicorn
 

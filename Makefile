@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The data folder (decoder2vec.catalog): the shared one beside the checkout when it exists; without it, data sets
+# come from the Hugging Face hub (network + the `data` extra) or the run stops with an error saying so.
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)/.),)
+export DECODER2VEC_DATA ?= $(SHARED_DATA)
+endif
 
-.PHONY: demo test check bench install
+.PHONY: demo test check bench install wheel-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# build the wheel, install it into fresh venvs (core alone, then each extra) and use it there (.ci/run runs it)
+wheel-check: $(STAMP)
+	PYTHON=$(PYTHON) .ci/wheel_check
 
 check: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from decoder2vec import Encoder
+from decoder2vec.catalog import resolve_dataset
 from decoder2vec.eval.sts import read_sts_tsv
 from decoder2vec.sources import resolve_source
 
@@ -63,7 +64,11 @@ def timed(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/sts/stsb_test.tsv")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="STS TSV (default: STS-B test from decoder2vec.catalog: $DECODER2VEC_DATA, else the hub)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="only the first N sentences (quick runs)")
@@ -71,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    pairs = read_sts_tsv(args.data)
+    pairs = read_sts_tsv(args.data or resolve_dataset("stsb", "test"))
     sentences = pairs.sentences1 + pairs.sentences2
     sentences = sentences[: args.limit] if args.limit else sentences
     peak = matmul_peak_gflops()

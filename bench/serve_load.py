@@ -17,6 +17,13 @@ back to back, are the most any batching policy can serve. On a CPU a forward pas
 N = 16 can sit below offline's batches of 32.
 
     python bench/serve_load.py [--clients 16] [--requests 40] [--rounds 20] [--verbose] [--threads 2] [--max-wait-ms 5]
+
+With --overload it checks the server under 4x the load it can serve instead (see :func:`overload`): three
+phases of --seconds each (batch_size clients, 4x as many, batch_size again); every answer must be 200 or 429
+(503/504 only for the --request-timeout asked for), no request without an answer, the server alive, its
+memory flat, and the accepted requests' p99 within 3x the unloaded p99.
+
+    python bench/serve_load.py --overload [--seconds 20] [--batch-size 8] [--max-queue 8] [--threads 1]
 """
 
 import argparse
@@ -36,10 +43,8 @@ import numpy as np
 import torch
 
 from decoder2vec import Encoder
+from decoder2vec.catalog import resolve_dataset
 from decoder2vec.serve import ServeConfig, create_app, encode_packed, free_port, serve_in_thread
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sts" / "stsb_test.tsv"
 
 
 def read_sentences(path: Path, count: int) -> list[str]:
@@ -238,6 +243,170 @@ def wait_ready(url: str, process: subprocess.Popen, seconds: float = 180) -> Non
     raise SystemExit("the server did not become ready")
 
 
+# ---------------------------------------------------------------------- --overload
+@dataclass
+class Phase:
+    """What the clients of one phase saw."""
+
+    clients: int
+    latencies: list[float] = field(default_factory=list)  # of the requests answered 200
+    statuses: dict[int, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # requests that got no HTTP answer at all
+    seconds: float = 0.0
+
+    def line(self, name: str) -> str:
+        lat = np.array(self.latencies or [float("nan")]) * 1000
+        answered = sum(self.statuses.values())
+        statuses = ", ".join(f"{code}: {count}" for code, count in sorted(self.statuses.items()))
+        return (
+            f"{name:<24} {self.clients:3d} clients, {answered:5d} answers in {self.seconds:5.1f} s "
+            f"({len(self.latencies) / self.seconds:5.1f} accepted/s)  accepted p50 {np.percentile(lat, 50):6.0f} ms "
+            f"p99 {np.percentile(lat, 99):6.0f} ms  [{statuses}]  no answer: {sum(self.failures.values())}"
+        )
+
+
+async def drive(url: str, sentences: list[str], clients: int, seconds: float) -> Phase:
+    """``clients`` clients send one-sentence requests back to back for ``seconds``.
+
+    A 429 is honoured as a well-behaved client does (the openai client among them): wait Retry-After
+    seconds, jittered down to half, then send again. Every answer's status is counted; a request that gets
+    no answer (connection refused or reset, a client timeout) counts as a failure.
+    """
+    import aiohttp
+    import orjson
+
+    phase = Phase(clients)
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+
+        async def one_client(index: int) -> None:
+            rng = random.Random(index)
+            k = index
+            while time.perf_counter() < stop:
+                body = {"input": sentences[k % len(sentences)], "model": "bench"}
+                k += clients
+                start = time.perf_counter()
+                try:
+                    async with session.post("/v1/embeddings", json=body) as response:
+                        answer = await response.read()
+                        status, retry_after = response.status, response.headers.get("Retry-After")
+                except Exception as error:  # no HTTP answer: counted, never stops the run
+                    phase.failures[type(error).__name__] = phase.failures.get(type(error).__name__, 0) + 1
+                    await asyncio.sleep(0.1)
+                    continue
+                phase.statuses[status] = phase.statuses.get(status, 0) + 1
+                if status == 200 and len(orjson.loads(answer)["data"]) == 1:
+                    phase.latencies.append(time.perf_counter() - start)
+                elif status in (429, 503):
+                    await asyncio.sleep(float(retry_after or 1) * rng.uniform(0.5, 1.0))
+
+        begin = time.perf_counter()
+        stop = begin + seconds
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+        phase.seconds = time.perf_counter() - begin
+    return phase
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def with_memory_samples(pid: int, work) -> tuple[object, list[float]]:
+    """Run ``work`` while sampling the server's resident memory (MB) every 0.2 s."""
+    samples: list[float] = []
+
+    async def sample():
+        while True:
+            samples.append(rss_mb(pid))
+            await asyncio.sleep(0.2)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        return await work, samples
+    finally:
+        sampler.cancel()
+
+
+def overload(args) -> None:
+    """Unloaded, overloaded (4x the clients), unloaded again: statuses, accepted latency and memory.
+
+    "The clients the server can serve" is ``batch_size`` one-sentence clients: each request then waits for at
+    most the batch being encoded before its own. The queue holds ``max_queue`` more texts; past that the server
+    answers 429 with Retry-After. The two unloaded phases frame the overloaded one, so a drift of this VM's
+    speed shows as a gap between them.
+    """
+    sentences = read_sentences(args.data or resolve_dataset("stsb", "test"), 2000)
+    served = args.batch_size
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    settings = {
+        "batch_size": args.batch_size,
+        "max_queue": args.max_queue or args.batch_size,
+        "request_timeout": args.request_timeout,
+        "max_wait_ms": args.max_wait_ms,
+        "wait_fraction": args.wait_fraction,
+        "pack_tokens": args.pack_tokens,
+    }
+    print(
+        f"overload: model {args.model}, {args.threads} torch threads, batch {settings['batch_size']}, queue "
+        f"{settings['max_queue']} texts, request timeout {settings['request_timeout']:g} s; unloaded {served} "
+        f"clients, overloaded {4 * served}; {args.seconds:g} s per phase; server in its own process",
+        flush=True,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    command = [sys.executable, "-m", "decoder2vec.cli", "serve", "--model", args.model, "--port", str(port)]
+    for name, value in settings.items():
+        command += ["--" + name.replace("_", "-"), str(value)]
+    server = subprocess.Popen(
+        command + ["--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_ready(url, server, seconds=900)  # a loaded machine can take minutes to import torch and load
+
+        async def run() -> list[Phase]:
+            await drive(url, sentences, served, min(args.seconds, 5.0))  # warm-up, not counted
+            phases = []
+            for clients in (served, 4 * served, served):
+                phases.append(await drive(url, sentences, clients, args.seconds))
+            return phases
+
+        start_rss = rss_mb(server.pid)
+        phases, samples = asyncio.run(with_memory_samples(server.pid, run()))
+        health = httpx.get(url + "/health").json()
+        alive = server.poll() is None
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=30)
+    unloaded = Phase(served, phases[0].latencies + phases[2].latencies)
+    for name, phase in zip(("unloaded", "overloaded (4x)", "unloaded again"), phases, strict=True):
+        print(phase.line(name))
+    loaded = phases[1]
+    other = {code: n for code, n in loaded.statuses.items() if code not in (200, 429, 503, 504)}
+    timeouts = loaded.statuses.get(503, 0) + loaded.statuses.get(504, 0)
+    failures = sum(sum(p.failures.values()) for p in phases)
+    ratio = np.percentile(loaded.latencies, 99) / np.percentile(unloaded.latencies, 99)
+    print(
+        f"server: {health['batches']} encode calls, {health['texts']} texts, {health['rejected']} refused (429), "
+        f"{health['timeouts']} timed out; process {'alive' if alive else 'DEAD'} at the end"
+    )
+    print(
+        f"server memory (RSS): {start_rss:.0f} MB before the load, peak {max(samples):.0f} MB, "
+        f"{samples[-1]:.0f} MB at the end"
+    )
+    print(
+        f"overloaded: only 200/429: {'yes' if not other and not timeouts else 'no'}; 5xx other than the timeouts "
+        f"asked for: {sum(n for c, n in other.items() if c >= 500)}; timeouts (503/504): {timeouts}; "
+        f"requests without an answer: {failures}"
+    )
+    print(f"accepted p99 overloaded / unloaded (both unloaded phases): {ratio:.2f} (target <= 3)")
+    if stderr and (other or failures or not alive):
+        print("server stderr (tail):", stderr[-2000:], file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -255,15 +424,21 @@ def main() -> None:
     )
     parser.add_argument("--in-process", action="store_true", help="server and offline encode in this process")
     parser.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--overload", action="store_true", help="drive 4x the clients the server can serve")
+    parser.add_argument("--seconds", type=float, default=20.0, help="--overload: length of each phase")
+    parser.add_argument("--max-queue", type=int, default=None, help="--overload: server queue (default: batch size)")
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="--overload: server request timeout")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     if args.offline_worker:
         return offline_worker(args)
+    if args.overload:
+        return overload(args)
     per_round = args.requests // args.rounds
     total = args.clients * per_round * args.rounds
-    sentences = read_sentences(args.data, total)
+    sentences = read_sentences(args.data or resolve_dataset("stsb", "test"), total)
     print(
         f"model {args.model}, {args.clients} clients x {per_round * args.rounds} requests x 1 sentence in "
         f"{args.rounds} rounds, {args.threads} torch threads, batch {args.batch_size}, "

@@ -3,7 +3,7 @@
 Each attention mode runs the model once per input form (plain; with the EOS id appended, for
 ``last_token``) and pools the same hidden states every way, so the table costs a few passes.
 
-    python bench/sts_baselines.py --model smollm2-135m --data ../shared/data/sts/stsb_test.tsv --output results.jsonl
+    python bench/sts_baselines.py --model smollm2-135m --output results.jsonl   # STS-B test via decoder2vec.catalog
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from scipy.stats import spearmanr
 
 from decoder2vec import POOLING_MODES, Encoder, pool
+from decoder2vec.catalog import resolve_dataset
 from decoder2vec.eval.common import cosine_scores
 from decoder2vec.eval.sts import read_sts_tsv
 
@@ -41,10 +42,14 @@ def embed_all_poolings(encoder: Encoder, texts: list[str], append_eos: bool, bat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/sts/stsb_test.tsv")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="STS TSV (default: STS-B test from decoder2vec.catalog: $DECODER2VEC_DATA, else the hub)",
+    )
     parser.add_argument("--output", default=None, help="also append each result as a JSON line here")
     args = parser.parse_args()
-    pairs = read_sts_tsv(args.data)
+    pairs = read_sts_tsv(args.data or resolve_dataset("stsb", "test"))
     texts = list(dict.fromkeys(pairs.sentences1 + pairs.sentences2))
     where = {t: i for i, t in enumerate(texts)}
     left = [where[t] for t in pairs.sentences1]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from decoder2vec.cli import main
 
@@ -75,3 +76,23 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["eval", "sts", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "nope.tsv")]) == 1
     assert "decoder2vec: error:" in capsys.readouterr().err
+
+
+def test_missing_optional_package_names_the_extra(monkeypatch, capsys):
+    import decoder2vec.cli as cli
+
+    def needs_fastapi(args):
+        raise ModuleNotFoundError("No module named 'fastapi'", name="fastapi")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser.set_defaults(handler=needs_fastapi)
+    assert cli.main([]) == 1
+    assert 'pip install "decoder2vec[serve]"' in capsys.readouterr().err
+
+    def needs_something_else(args):
+        raise ModuleNotFoundError("No module named 'nonexistent_pkg'", name="nonexistent_pkg")
+
+    parser.set_defaults(handler=needs_something_else)
+    with pytest.raises(ModuleNotFoundError):
+        cli.main([])

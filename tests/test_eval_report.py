@@ -68,7 +68,8 @@ def test_users_add_tasks_by_pointing_at_files(tmp_path):
     assert [s.name for s in resolve_tasks("mine,stsb", [mine])] == ["mine", "stsb"]
 
 
-def test_missing_files_and_sampling(tmp_path):
+def test_missing_files_and_sampling(tmp_path, monkeypatch):
+    monkeypatch.setenv("DECODER2VEC_CACHE", str(tmp_path / "cache"))  # no converted hub copy either
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         build_evaluator(TASKS["stsb"], tmp_path)
     data = LabelledTexts([f"t{i}" for i in range(10)], [f"l{i}" for i in range(10)])
@@ -76,6 +77,33 @@ def test_missing_files_and_sampling(tmp_path):
     assert len(sample) == 4 and [t[1:] for t in sample.texts] == [label[1:] for label in sample.labels]
     assert sample.texts == sorted(sample.texts) and subsample(data, 4) == sample  # file order, seeded
     assert subsample(data, None) is data and subsample(data, 50) == data
+
+
+def test_task_file_paths_resolve_against_the_task_files_folder(toy_files, tmp_path, monkeypatch):
+    """A relative path in a task file is relative to that file's folder, however the file itself was named."""
+    (tmp_path / "tasks" / "data").mkdir(parents=True)
+    (tmp_path / "tasks" / "data" / "sts.tsv").write_text(STS_ROWS)
+    entries = [
+        {"name": "relative", "type": "sts", "files": {"test": "data/sts.tsv"}},
+        {"name": "absolute", "type": "sts", "files": {"test": str(toy_files / "sts.tsv")}},
+    ]
+    (tmp_path / "tasks" / "tasks.json").write_text(json.dumps(entries))
+    monkeypatch.chdir(tmp_path)
+    relative, absolute = load_task_file("tasks/tasks.json")  # the task file named relative to the working folder
+    assert relative.files == {"test": str(tmp_path / "tasks" / "data" / "sts.tsv")}
+    assert absolute.files == {"test": str(toy_files / "sts.tsv")}
+    elsewhere = tmp_path / "elsewhere"  # a data folder must not be joined in front of either path
+    for spec in (relative, absolute):
+        scores = build_evaluator(spec, elsewhere)(FakeEncoder(VECTORS))
+        assert scores["spearman"] == pytest.approx(80.0)
+
+
+def test_builtin_task_files_missing_locally_come_from_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DECODER2VEC_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "data" / "sts").mkdir(parents=True)
+    (tmp_path / "cache" / "data" / "sts" / "stsb_test.tsv").write_text(STS_ROWS)  # as a hub download leaves it
+    scores = build_evaluator(TASKS["stsb"], tmp_path / "empty", instruction="")(FakeEncoder(VECTORS))
+    assert scores["spearman"] == pytest.approx(80.0)
 
 
 def test_report_runs_tasks_with_instructions_and_compares(toy_files, tmp_path):

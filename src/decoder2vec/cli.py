@@ -19,6 +19,8 @@ __all__ = ["main"]
 # Modules that add sub-commands; each defines `register(subparsers)`.
 COMMAND_MODULES = [
     "decoder2vec.cli",
+    "decoder2vec.embed",
+    "decoder2vec.index",
     "decoder2vec.export",
     "decoder2vec.serve",
     "decoder2vec.eval.cli",
@@ -122,10 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .attention import BidirectionalUnsupportedError
+    from .extras import missing_extra_message
     from .sources import ModelSourceError
 
     try:
         args.handler(args)
+    except ImportError as error:  # an optional package of an extra that is not installed: say which extra
+        message = missing_extra_message(error)
+        if message is None:
+            raise
+        print(f"decoder2vec: error: {message}", file=sys.stderr)
+        return 1
     except (ModelSourceError, BidirectionalUnsupportedError, FileNotFoundError, ValueError, TypeError) as error:
         print(f"decoder2vec: error: {error}", file=sys.stderr)
         return 1

@@ -2,7 +2,7 @@
 
 ::
 
-    decoder2vec eval --model smollm2-135m --tasks stsb,sickr,trec,mrpc --data-dir ../shared/data -o base.json
+    decoder2vec eval --model smollm2-135m --tasks stsb,sickr,trec,mrpc --data-dir /path/to/data -o base.json
     decoder2vec eval --model smollm2-135m --adapter runs/simcse --task mine=sts:my.tsv
     decoder2vec eval compare base.json simcse.json
     decoder2vec eval sts --data stsb_test.tsv --model smollm2-135m --causal
@@ -36,13 +36,13 @@ def _default_output(args: argparse.Namespace) -> Path:
 def _run_report(args: argparse.Namespace) -> None:
     from ..cli import load_encoder
     from .report import markdown_table, run_tasks, write_report
-    from .tasks import default_data_dir, load_task_file, parse_task_option, resolve_tasks
+    from .tasks import load_task_file, parse_task_option, resolve_tasks
 
     extra = [spec for path in args.task_file for spec in load_task_file(path)]
     extra += [parse_task_option(text) for text in args.task]
     names = args.tasks if args.tasks is not None else ",".join(s.name for s in extra) or DEFAULT_TASKS
     specs = resolve_tasks(names, extra)  # fails on a bad task name before the model loads
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    data_dir = args.data_dir or None  # None: $DECODER2VEC_DATA, then the hub (see decoder2vec.catalog)
     encoder = load_encoder(args)
     report = run_tasks(
         encoder,
@@ -70,9 +70,14 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _list_tasks(args: argparse.Namespace) -> None:
-    from .tasks import TASKS, default_data_dir
+    from ..catalog import data_folder, hub_cache_folder
+    from .tasks import TASKS
 
-    print(f"data folder: {default_data_dir()} (change with --data-dir or DECODER2VEC_DATA)\n")
+    folder = data_folder()
+    print(
+        f"data folder: {folder or 'none (DECODER2VEC_DATA unset)'} (change with --data-dir or DECODER2VEC_DATA); "
+        f"built-in files missing there come from the Hugging Face hub, kept in {hub_cache_folder()}\n"
+    )
     print("| task | type | files | default instruction |")
     print("|---|---|---|---|")
     for spec in TASKS.values():
@@ -109,7 +114,11 @@ def register(subparsers) -> None:
         "local files; print a markdown table and write a JSON report with every metric.",
     )
     evaluate.add_argument("--tasks", default=None, help=f"comma-separated task names (default: {DEFAULT_TASKS})")
-    evaluate.add_argument("--data-dir", default=None, help="folder the built-in tasks read (default: ../shared/data)")
+    evaluate.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder the built-in tasks read (default: $DECODER2VEC_DATA; files missing there come from the hub)",
+    )
     evaluate.add_argument(
         "--task",
         action="append",

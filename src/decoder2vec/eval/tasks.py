@@ -1,7 +1,7 @@
 """The task registry: a task is a name, a task type and the files it reads; users add one by pointing at files.
 
 Two tables drive everything. :data:`TASK_TYPES` maps a type (``sts``, ``retrieval``, ``classification``,
-``clustering``, ``pairs``) to the file roles it needs and a function that builds its evaluator.
+``clustering``, ``pairs``, ``word``) to the file roles it needs and a function that builds its evaluator.
 :data:`TASKS` maps a task name to a :class:`TaskSpec`; the built-in ones read the shared data folder.
 
 Add a task from Python with :func:`register_task`, from a JSON/YAML file with :func:`load_task_file`::
@@ -43,6 +43,7 @@ __all__ = [
     "parse_task_option",
     "register_task",
     "register_task_type",
+    "resolve_task_files",
     "resolve_tasks",
     "subsample",
 ]
@@ -53,7 +54,7 @@ class TaskSpec:
     """One evaluation task: which evaluator runs on which files with which default instruction."""
 
     name: str = option(help="short name used in --tasks and in reports, e.g. stsb")
-    type: str = option(help="task type: a key of TASK_TYPES (sts | retrieval | classification | clustering | pairs)")
+    type: str = option(help="task type: a key of TASK_TYPES (sts | retrieval | classification | clustering | ...)")
     files: dict[str, str] = option(
         default_factory=dict, help="role -> path; relative paths are relative to the data folder"
     )
@@ -157,6 +158,16 @@ def _build_pairs(paths, spec, instruction, batch_size, limit):
     return PairClassificationEvaluator(pairs, instruction=instruction, batch_size=batch_size, **spec.options)
 
 
+def _build_word(paths, spec, instruction, batch_size, limit):
+    from .word import WordEvaluator, read_conll
+
+    options = dict(spec.options)
+    train_limit = options.pop("train_sentences", None)  # subsample train only; dev and test stay whole
+    train, dev, test = (subsample(read_conll(paths[r], spec.encoding), limit) for r in ("train", "dev", "test"))
+    train = subsample(train, train_limit)
+    return WordEvaluator(train, dev, test, instruction=instruction, batch_size=batch_size, **options)
+
+
 TASK_TYPES: dict[str, TaskType] = {
     "sts": TaskType(("test",), _build_sts, "spearman", "Spearman x100 of cosine similarity with gold scores"),
     "retrieval": TaskType(("folder",), _build_retrieval, "ndcg@10", "nDCG@10 x100 of exact cosine search (BEIR)"),
@@ -165,6 +176,9 @@ TASK_TYPES: dict[str, TaskType] = {
     ),
     "clustering": TaskType(("test",), _build_clustering, "v_measure", "V-measure x100 of k-means, k = #labels"),
     "pairs": TaskType(("test",), _build_pairs, "ap", "average precision x100 of cosine similarity"),
+    "word": TaskType(
+        ("train", "dev", "test"), _build_word, "accuracy", "linear probe on word vectors: accuracy or entity F1 x100"
+    ),
 }
 
 
@@ -212,19 +226,30 @@ for _spec in (
         "Find a sentence that paraphrases this one",
         description="Microsoft Research Paraphrase Corpus test",
     ),
+    *(
+        TaskSpec(
+            f"conll2003-{column}",
+            "word",
+            {split: f"conll2003/{split}.txt" for split in ("train", "dev", "test")},
+            None,
+            options={"column": column},
+            description=f"CoNLL-2003 {what}: linear probe on frozen word vectors ({metric})",
+        )
+        for column, what, metric in (
+            ("pos", "part-of-speech tags", "accuracy"),
+            ("chunk", "syntactic chunks", "accuracy"),
+            ("ner", "named entities", "entity micro-F1"),
+        )
+    ),
 ):
     register_task(_spec)
 
 
 def default_data_dir() -> Path:
-    """``$DECODER2VEC_DATA``, else ``../shared/data`` beside the repository (or folder) we run in."""
-    if os.environ.get("DECODER2VEC_DATA"):
-        return Path(os.environ["DECODER2VEC_DATA"])
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / ".git").exists() or (folder / "pyproject.toml").is_file():
-            return folder.parent / "shared" / "data"
-    return here.parent / "shared" / "data"
+    """``$DECODER2VEC_DATA``, else the folder where data sets loaded from the hub are kept (see ``catalog``)."""
+    from ..catalog import data_folder, hub_cache_folder
+
+    return data_folder() or hub_cache_folder()
 
 
 def parse_task_option(text: str, base: str | Path | None = None) -> TaskSpec:
@@ -249,6 +274,7 @@ def load_task_file(path: str | Path) -> list[TaskSpec]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file {str(path)!r} not found")
+    folder = Path(os.path.abspath(path.parent))  # absolute, so the data folder is never joined in front again
     suffix = path.suffix.lower()
     if suffix not in (".json", ".yaml", ".yml"):
         raise ValueError(f"task file {path} must end in .json, .yaml or .yml")
@@ -267,7 +293,7 @@ def load_task_file(path: str | Path) -> list[TaskSpec]:
             extra = sorted(set(entry) - known) if isinstance(entry, dict) else entry
             raise ValueError(f"task {number} in {path}: unknown key(s) {extra}; known: {', '.join(sorted(known))}")
         entry = dict(entry)
-        entry["files"] = {role: str(path.parent / p) for role, p in (entry.get("files") or {}).items()}
+        entry["files"] = {role: str(folder / p) for role, p in (entry.get("files") or {}).items()}
         specs.append(TaskSpec(**entry))
     return specs
 
@@ -299,8 +325,7 @@ def build_evaluator(
     ``limit`` keeps a seeded random sample of that many examples of each file (train and test alike; for
     retrieval, judged queries) for quick runs; scores on a sample are not comparable with full-set scores.
     """
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    paths = {role: data_dir / p for role, p in spec.files.items()}  # an absolute p stays as it is
+    paths = resolve_task_files(spec, data_dir)
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise FileNotFoundError(
@@ -308,6 +333,25 @@ def build_evaluator(
             "to the folder holding its files"
         )
     return TASK_TYPES[spec.type].build(paths, spec, task_instruction(spec, instruction), batch_size, limit)
+
+
+def resolve_task_files(spec: TaskSpec, data_dir: str | Path | None = None) -> dict[str, Path]:
+    """Role -> path of ``spec``'s files: absolute paths as they are, relative ones inside the data folder.
+
+    ``data_dir`` None means ``$DECODER2VEC_DATA``. A file the data catalog knows (``sts/stsb_test.tsv``, ...)
+    that is not in the folder comes from the hub cache or the hub; it raises
+    :class:`~decoder2vec.catalog.DatasetNotFoundError` when neither has it. Other paths may not exist.
+    """
+    from ..catalog import entry_for_file, resolve_file
+
+    folder = Path(data_dir) if data_dir is not None else default_data_dir()
+    paths = {}
+    for role, name in spec.files.items():
+        if entry_for_file(name) is not None and not Path(name).is_absolute():
+            paths[role] = resolve_file(name, data_dir)
+        else:
+            paths[role] = folder / name  # an absolute name stays as it is
+    return paths
 
 
 def task_instruction(spec: TaskSpec, instruction: str | None = None) -> str | None:

@@ -5,7 +5,9 @@ Unlabeled text (MNTP, SimCSE) comes from:
 * plain text files: one sentence or document a line (``.txt`` and anything not listed below);
 * WikiText files (``.tokens``, or any file whose first heading is `` = Title = ``): one document per article;
 * JSONL files (``.jsonl``, ``.json``): one object a line with a text field (``text`` unless told);
-* Hugging Face datasets, for users with a network: ``hf:NAME[:CONFIG][:SPLIT]`` (needs ``datasets``).
+* Hugging Face datasets, for users with a network: ``hf:NAME[:CONFIG][:SPLIT]`` (needs ``datasets``);
+* the project's data catalog: ``data:NAME[:SPLIT]``, e.g. ``data:mntp`` or ``data:wikitext2:valid``
+  (:func:`decoder2vec.catalog.resolve_dataset`: the data folder, else the hub).
 
 Supervised rows come from TSV (a header naming the columns, or 2-3 columns without one) or JSONL.
 Every reader raises :class:`DataError` naming the file, the line and the fix.
@@ -79,10 +81,12 @@ def _wikitext(lines: list[str]) -> list[str]:
 
 
 def _read_hf(spec: str, text_field: str) -> list[str]:
+    from ..catalog import INSTALL_HINT
+
     try:
         import datasets
     except ImportError:
-        raise DataError(f"hf:{spec} needs the `datasets` package: pip install datasets") from None
+        raise DataError(f"hf:{spec} needs the `datasets` package: {INSTALL_HINT}") from None
     name, config, split = ([*spec.split(":"), None, None])[:3]
     dataset = datasets.load_dataset(name, config or None, split=split or "train")
     if text_field not in dataset.column_names:
@@ -175,9 +179,17 @@ def _tsv_rows(path: Path, query_field: str, positive_field: str, negative_field:
 
 # ---------------------------------------------------------------------- helpers
 def _existing(source: str) -> Path:
+    if source.startswith("data:"):
+        from ..catalog import resolve_dataset
+
+        try:
+            return resolve_dataset(source[5:])
+        except ValueError as error:
+            raise DataError(f"{source!r}: {error}") from None
     path = Path(source)
     if not path.is_file():
-        hint = " (a Hugging Face dataset is written hf:NAME[:CONFIG][:SPLIT])" if not path.suffix else ""
+        hint = " (a Hugging Face dataset is written hf:NAME[:CONFIG][:SPLIT], a catalog one data:NAME[:SPLIT])"
+        hint = hint if not path.suffix else ""
         raise DataError(f"data file {source!r} not found{hint}")
     return path
 

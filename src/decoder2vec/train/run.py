@@ -14,6 +14,8 @@ A run folder holds::
     decoder2vec_config.json                          how the encoder pools (for loading)
     log.json, loss.png                               loss and learning rate per step
     checkpoints/step-0000050/                        adapter, optimizer, scheduler, RNG and log at a step
+                                                     (safetensors, tensor-only torch files, JSON: loading one
+                                                     never unpickles arbitrary objects)
     merged/                                          with save_merged: the model with the adapter merged in
 
 Checkpoints are written to a temporary folder and renamed, so a killed run never leaves half of one.
@@ -267,13 +269,7 @@ def _save_checkpoint(run_dir, step, encoder, optimizer, scheduler, log, accelera
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
-    rng = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+    _write_json(tmp / f"rng-{accelerator.process_index}.json", _rng_state())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(tmp / "state.json", {"step": step, "log": log})  # written last: marks the folder complete
@@ -290,16 +286,11 @@ def _load_checkpoint(folder: Path, encoder, optimizer, scheduler, accelerator) -
 
     state = json.loads((folder / "state.json").read_text())
     set_peft_model_state_dict(encoder.model, load_file(folder / "adapter_model.safetensors"))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-    rng_file = folder / f"rng-{accelerator.process_index}.pt"
+    optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
+    scheduler.load_state_dict(_load_tensors(folder / "scheduler.pt"))
+    rng_file = folder / f"rng-{accelerator.process_index}.json"
     if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        _set_rng_state(json.loads(rng_file.read_text()))
     else:
         logger.warning(
             "%s has no random state for process %d; dropout differs from an unbroken run",
@@ -307,6 +298,49 @@ def _load_checkpoint(folder: Path, encoder, optimizer, scheduler, accelerator) -
             accelerator.process_index,
         )
     return state["step"], state["log"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is not in the plain form this version writes (tensors, numbers, JSON); it is not read."""
+
+
+def _load_tensors(path: Path):
+    """``torch.load`` restricted to tensors and plain containers: a pickle that would build other objects
+    (and so could run code) is refused before anything of it runs."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain values, so it was not loaded (unpickling them "
+            f"could run code): {reason}. Resume only from checkpoints this program wrote; delete the folder "
+            f"{path.parent} or train into another --output-dir."
+        ) from None
+
+
+def _rng_state() -> dict:
+    """Every random generator's state as JSON-friendly lists and numbers (read back without unpickling)."""
+    version, python_state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    cuda = [state.tolist() for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None
+    return {
+        "python": [version, list(python_state), gauss],
+        "numpy": [name, keys.tolist(), position, has_gauss, cached_gaussian],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": cuda,
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def _save_adapter_atomically(encoder: Encoder, run_dir: Path) -> None:

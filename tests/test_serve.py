@@ -16,7 +16,16 @@ import pytest
 import decoder2vec.serve as serve_module
 from decoder2vec import Encoder
 from decoder2vec.cli import main
-from decoder2vec.serve import DynamicBatcher, ServeConfig, can_pack, create_app, encode_packed, serve_in_thread
+from decoder2vec.serve import (
+    DynamicBatcher,
+    QueueFullError,
+    ServeConfig,
+    can_pack,
+    create_app,
+    display_name,
+    encode_packed,
+    serve_in_thread,
+)
 
 TEXTS = ["A man is playing a guitar.", "The cat sits on the mat.", "Paris is the capital of France.", "x"]
 KEY = "test-key"
@@ -323,3 +332,200 @@ def test_cli_serve(_tiny_llama_session, monkeypatch, capsys):
     assert answers[0].status_code == 200 and len(answers[0].json()["data"]) == 2
     assert main(["serve", "--model", str(_tiny_llama_session), "--host", "10.1.2.3"]) == 1
     assert "loopback" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- overload: queue, timeouts, fairness
+class _Gate:
+    """Stands in for encode_packed: blocks the batcher inside a batch until opened, and records every batch."""
+
+    def __init__(self):
+        self.entered, self.opened, self.batches = threading.Event(), threading.Event(), []
+
+    def __call__(self, encoder, features, max_tokens=512):
+        self.batches.append([encoder.tokenizer.decode(f.input_ids, skip_special_tokens=True) for f in features])
+        self.entered.set()
+        assert self.opened.wait(60), "the test never opened the gate"
+        return encode_packed(encoder, features, max_tokens=max_tokens)
+
+
+def _post_in_thread(url, body, answers, key):
+    thread = threading.Thread(
+        target=lambda: answers.__setitem__(key, httpx.post(url + "/v1/embeddings", json=body, timeout=60))
+    )
+    thread.start()
+    return thread
+
+
+def _wait_for(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_full_queue_answers_429_with_retry_after(encoder, monkeypatch):
+    gate = _Gate()
+    monkeypatch.setattr(serve_module, "encode_packed", gate)
+    config = ServeConfig(batch_size=1, max_queue=2, max_wait_ms=0)
+    answers: dict = {}
+    with serve_in_thread(create_app(encoder, config)) as url:
+        threads = [_post_in_thread(url, {"input": "being encoded"}, answers, "a")]
+        assert gate.entered.wait(30)  # request a is inside the model; the queue is empty
+        threads += [_post_in_thread(url, {"input": f"queued {k}"}, answers, k) for k in ("b", "c")]
+        _wait_for(lambda: httpx.get(url + "/health").json()["queued"] == 2)
+        refused = httpx.post(url + "/v1/embeddings", json={"input": "one too many"}, timeout=30)
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert refused.json()["error"]["code"] == "queue_full"
+        gate.opened.set()
+        for thread in threads:
+            thread.join()
+        health = httpx.get(url + "/health").json()
+    assert [answers[k].status_code for k in "abc"] == [200, 200, 200]
+    assert health["rejected"] == 1 and health["queued"] == 0
+
+
+def test_request_timeout_503_while_queued_504_while_encoded(encoder, monkeypatch):
+    gate = _Gate()
+    monkeypatch.setattr(serve_module, "encode_packed", gate)
+    config = ServeConfig(batch_size=1, max_wait_ms=0, request_timeout=1.0)
+    answers: dict = {}
+    with serve_in_thread(create_app(encoder, config)) as url:
+        threads = [_post_in_thread(url, {"input": "stuck in the model"}, answers, "encoding")]
+        assert gate.entered.wait(30)
+        threads.append(_post_in_thread(url, {"input": "stuck in the queue"}, answers, "queued"))
+        for thread in threads:
+            thread.join()
+        gate.opened.set()
+        after = httpx.post(url + "/v1/embeddings", json={"input": "after the jam"}, timeout=30)
+        health = httpx.get(url + "/health").json()
+    assert answers["encoding"].status_code == 504 and answers["encoding"].json()["error"]["code"] == "timeout"
+    assert answers["queued"].status_code == 503 and answers["queued"].json()["error"]["code"] == "queue_timeout"
+    assert int(answers["queued"].headers["retry-after"]) >= 1
+    assert after.status_code == 200 and health["timeouts"] == 2 and health["queued"] == 0
+    assert ["stuck in the queue"] not in gate.batches  # the text that timed out in the queue was never encoded
+
+
+def test_a_large_request_does_not_hold_up_a_small_one(encoder, monkeypatch):
+    """A large request is encoded batch_size texts at a time, and a small one that comes meanwhile goes next."""
+    gate = _Gate()
+    monkeypatch.setattr(serve_module, "encode_packed", gate)
+    batcher = DynamicBatcher(encoder, batch_size=2, max_wait_ms=0)
+    try:
+        large = [f"large request text {i}" for i in range(7)]
+        large_future = batcher.submit([("", text) for text in large])
+        assert gate.entered.wait(30)  # its first two texts are in the model
+        small_future = batcher.submit([("", "small request")])
+        gate.opened.set()
+        small_vectors, small_counts = small_future.result(timeout=60)
+        large_vectors, large_counts = large_future.result(timeout=60)
+    finally:
+        batcher.close()
+    assert gate.batches[:2] == [large[:2], ["small request", *large[2:3]]], gate.batches
+    assert sum(len(b) for b in gate.batches) == 8 and max(len(b) for b in gate.batches) == 2
+    np.testing.assert_allclose(large_vectors.numpy(), encoder.encode(large), atol=1e-5)  # chunks in order
+    np.testing.assert_allclose(small_vectors.numpy(), encoder.encode(["small request"]), atol=1e-5)
+    assert large_counts == [len(f.input_ids) for f in encoder.tokenize(large)] and len(small_counts) == 1
+
+
+def test_batcher_queue_bound_admits_a_large_request_when_nothing_waits(encoder, monkeypatch):
+    gate = _Gate()
+    monkeypatch.setattr(serve_module, "encode_packed", gate)
+    batcher = DynamicBatcher(encoder, batch_size=1, max_wait_ms=0, max_queue=3)
+    try:
+        first = batcher.submit([("", "first")])
+        assert gate.entered.wait(30)
+        large = batcher.submit([("", f"t{i}") for i in range(5)])  # over max_queue, but the queue is empty
+        with pytest.raises(QueueFullError) as refused:
+            batcher.submit([("", "more")])
+        assert refused.value.queued == 5 and refused.value.retry_after >= 1
+        gate.opened.set()
+        first.result(timeout=60), large.result(timeout=60)
+    finally:
+        batcher.close()
+    assert batcher.rejected == 1 and batcher.queued == 0
+
+
+def test_tokenization_never_runs_on_the_batcher_thread(encoder, monkeypatch):
+    threads = []
+    tokenize = encoder.tokenize
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return tokenize(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "tokenize", recording)
+    with serve_in_thread(create_app(encoder, ServeConfig(max_chars=100_000))) as url:
+        small = httpx.post(url + "/v1/embeddings", json={"input": "a short text"}, timeout=60)
+        large = httpx.post(url + "/v1/embeddings", json={"input": ["word " * 2000] * 2}, timeout=60)
+    assert small.status_code == large.status_code == 200
+    # short requests on the event loop (cheaper than a thread hop), long ones in a worker thread
+    assert threads[0] == "decoder2vec-uvicorn" and threads[1] not in ("decoder2vec-uvicorn", "decoder2vec-batcher")
+
+
+# ---------------------------------------------------------------------- API key and model name
+def test_api_key_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("DECODER2VEC_API_KEY", raising=False)
+    assert ServeConfig().resolved_api_key() is None
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret-from-file\n")
+    assert ServeConfig(api_key_file=str(key_file)).resolved_api_key() == "s3cret-from-file"
+    monkeypatch.setenv("DECODER2VEC_API_KEY", "s3cret-from-env")
+    assert ServeConfig().resolved_api_key() == "s3cret-from-env"
+    assert ServeConfig(api_key_file=str(key_file)).resolved_api_key() == "s3cret-from-file"  # the file wins
+    with pytest.raises(ValueError, match="not both"):
+        ServeConfig(api_key="k", api_key_file=str(key_file))
+    with pytest.raises(ValueError, match="cannot read"):
+        ServeConfig(api_key_file=str(tmp_path / "missing"))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        ServeConfig(api_key_file=str(tmp_path / "empty"))
+
+
+def test_cli_serve_with_a_key_file_and_no_local_path_shown(_tiny_llama_session, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DECODER2VEC_API_KEY", raising=False)
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file")
+    answers = []
+
+    def fake_run_server(app, host, port, keep_alive):
+        with serve_in_thread(app, host, keep_alive=keep_alive) as url:
+            answers.append(httpx.post(url + "/v1/embeddings", json={"input": "a"}))
+            answers.append(
+                httpx.post(url + "/v1/embeddings", json={"input": "a"}, headers={"authorization": "Bearer from-file"})
+            )
+            answers.append(httpx.get(url + "/health"))
+            answers.append(httpx.get(url + "/v1/models", headers={"authorization": "Bearer from-file"}))
+
+    monkeypatch.setattr(serve_module, "run_server", fake_run_server)
+    model = str(_tiny_llama_session)
+    assert main(["serve", "--model", model, "--api-key-file", str(key_file), "--device", "cpu"]) == 0
+    assert [a.status_code for a in answers] == [401, 200, 200, 200]
+    name = _tiny_llama_session.name
+    assert answers[1].json()["model"] == answers[2].json()["model"] == answers[3].json()["data"][0]["id"] == name
+    for answer in answers:
+        assert str(_tiny_llama_session.parent) not in answer.text
+    assert str(_tiny_llama_session.parent) not in capsys.readouterr().out
+
+
+def test_display_name_hides_local_paths(tmp_path):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    assert display_name(str(folder)) == "my-model"
+    assert display_name("/models/private/llama.gguf") == "llama"
+    assert display_name("./runs/final") == "final"
+    assert display_name("smollm2-135m") == "smollm2-135m"
+    assert display_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert display_name("") == "decoder2vec"
+
+
+def test_limits_are_validated():
+    for name in ("max_body_bytes", "max_queue", "max_header_bytes"):
+        with pytest.raises(ValueError, match=name):
+            ServeConfig(**{name: 0})
+    for name in ("request_timeout", "read_timeout"):
+        with pytest.raises(ValueError, match=name):
+            ServeConfig(**{name: 0})
+    defaults = ServeConfig()
+    assert defaults.max_body_bytes == 8 * 1024 * 1024 and defaults.max_queue == 256

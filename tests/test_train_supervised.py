@@ -87,36 +87,88 @@ def test_instruction_only_on_queries(tiny_llama_dir, tmp_path):
     assert torch.equal(batch["attention_mask"][3:].sum(1), docs["attention_mask"].sum(1))  # documents: no instruction
 
 
+WORLD, PER_RANK = 2, 3  # processes, queries per process
+
+
+def _encoder_net() -> torch.nn.Module:
+    torch.manual_seed(0)  # the same weights in every process
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+
+
+def _global_batch():
+    """Every process's (queries, positives, hard negatives) inputs, (WORLD, PER_RANK, 6) each."""
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(WORLD, PER_RANK, 6, generator=generator) for _ in range(3)]
+
+
+def _one_process_reference() -> tuple[float, list[torch.Tensor]]:
+    """Loss and gradients of one process on the global batch: every query against every document."""
+    net = _encoder_net()
+    queries, positives, negatives = (x.flatten(0, 1) for x in _global_batch())
+    documents = net(torch.cat([positives, negatives]))  # the same documents as the gathered ones, reordered
+    loss = ContrastiveLoss(temperature=0.5, gather_across_processes=False)(net(queries), documents)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in net.parameters()]
+
+
 def _gather_worker(rank, world, port, results):
     import torch.distributed as dist
-
-    from decoder2vec.train.supervised import ContrastiveLoss
+    from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    generator = torch.Generator().manual_seed(0)
-    all_queries = torch.randn(world, 2, 4, generator=generator)
-    all_documents = torch.randn(world, 3, 4, generator=generator)
-    queries = all_queries[rank].clone().requires_grad_()
-    documents = all_documents[rank].clone().requires_grad_()
-    loss = ContrastiveLoss(temperature=0.5)(queries, documents)
+    queries, positives, negatives = (x[rank] for x in _global_batch())
+    loss_fn = ContrastiveLoss(temperature=0.5)
+
+    def mean_over_processes(net, loss) -> tuple[float, list[torch.Tensor]]:
+        """What DDP does to the gradients: their mean over the processes (and the loss's, for the log)."""
+        grads = [p.grad.clone() for p in net.parameters()]
+        for grad in grads:
+            dist.all_reduce(grad)
+            grad /= world
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        return total.item() / world, grads
+
+    # 1. plain: one forward over this process's texts, the loss gathers the documents, backward
+    net = _encoder_net()
+    vectors = net(torch.cat([queries, positives, negatives]))
+    loss = loss_fn(vectors[:PER_RANK], vectors[PER_RANK:])
     loss.backward()
-    # the same loss in one process: this rank's queries against every rank's documents
-    q_ref = all_queries[rank].clone().requires_grad_()
-    d_ref = all_documents.clone().requires_grad_()
+    plain = mean_over_processes(net, loss)
+
+    # 2. GradCache under DDP in chunks of 2 texts: DDP averages the gradients at the last chunk
+    net = DistributedDataParallel(_encoder_net())
+    features = list(torch.cat([queries, positives, negatives]))
+    cache = GradCache(net, torch.stack, loss_fn, chunk_size=2)
+    cached_loss = cache.step(features, num_queries=PER_RANK, no_sync=net.no_sync)
+    total = cached_loss.clone()
+    dist.all_reduce(total)
+    cached = total.item() / world, [p.grad.clone() for p in net.parameters()]
+
+    # 3. the old gather (other processes' rows as constants): must differ, or this test proves nothing
+    net = _encoder_net()
+    vectors = net(torch.cat([queries, positives, negatives]))
+    documents = vectors[PER_RANK:]
+    parts = [torch.empty_like(documents) for _ in range(world)]
+    dist.all_gather(parts, documents.detach().contiguous())
+    parts[rank] = documents
     scores = (
-        torch.nn.functional.normalize(q_ref, dim=-1) @ torch.nn.functional.normalize(d_ref.flatten(0, 1), dim=-1).T
+        torch.nn.functional.normalize(vectors[:PER_RANK], dim=-1)
+        @ torch.nn.functional.normalize(torch.cat(parts), dim=-1).T
     )
-    reference = torch.nn.functional.cross_entropy(scores / 0.5, torch.arange(2) + rank * 3)
-    reference.backward()
-    results[rank] = (
-        abs(loss.item() - reference.item()),
-        (queries.grad - q_ref.grad).abs().max().item(),
-        (documents.grad - d_ref.grad[rank]).abs().max().item(),
-    )
+    labels = torch.arange(PER_RANK) + rank * len(documents)
+    old_loss = torch.nn.functional.cross_entropy(scores / 0.5, labels)
+    old_loss.backward()
+    detached = mean_over_processes(net, old_loss)
+
+    results[rank] = {"plain": plain, "cached": cached, "detached": detached}
     dist.destroy_process_group()
 
 
-def test_negatives_are_gathered_across_processes():
+def test_gradients_across_processes_equal_one_process_on_the_global_batch():
+    """2 gloo processes, each with 3 queries (+ positives, hard negatives): the loss sees all 12 documents,
+    and the averaged parameter gradients equal those of one process on all 6 queries and 12 documents,
+    with the plain loss and with GradCache under DDP."""
     import socket
 
     import torch.multiprocessing as mp
@@ -126,6 +178,14 @@ def test_negatives_are_gathered_across_processes():
         port = s.getsockname()[1]
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     results = mp.Manager().dict()
-    mp.spawn(_gather_worker, args=(2, port, results), nprocs=2, join=True)
-    for rank in range(2):
-        assert max(results[rank]) < 1e-6, results[rank]
+    mp.spawn(_gather_worker, args=(WORLD, port, results), nprocs=WORLD, join=True)
+    reference_loss, reference_grads = _one_process_reference()
+    for rank in range(WORLD):
+        for name in ("plain", "cached"):
+            loss, grads = results[rank][name]
+            assert abs(loss - reference_loss) < 1e-5, (rank, name, loss, reference_loss)
+            for got, expected in zip(grads, reference_grads, strict=True):
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=f"rank {rank}, {name}")
+        old_grads = results[rank]["detached"][1]
+        gap = max((a - b).abs().max().item() for a, b in zip(old_grads, reference_grads, strict=True))
+        assert gap > 1e-3, f"a gather without cross-process gradients should differ, gap {gap}"

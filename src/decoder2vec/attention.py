@@ -4,8 +4,10 @@ transformers >= 5.2 builds its attention masks from ``config.is_causal``: when i
 mask helpers return a bidirectional (padding-only) mask. Attention kernels that do not take a mask
 (sdpa without padding, flash attention) read the ``is_causal`` attribute of each attention module,
 so that attribute is switched too. Afterwards a probe proves the switch worked: changing the last
-token must change the first token's hidden state. An architecture where it does not raises
-:class:`BidirectionalUnsupportedError`; a model never silently stays causal.
+token must change the first token's hidden state (by more than rounding, relative to the states'
+scale), and changing the ids at padded positions, left or right, must not change any real token's
+state. An architecture where either fails raises :class:`BidirectionalUnsupportedError`; a model never
+silently stays causal or lets padding leak.
 
 Per-architecture facts live in :data:`ARCHITECTURES` (add one with :func:`register_architecture`).
 """
@@ -19,8 +21,11 @@ import torch
 __all__ = [
     "ARCHITECTURES",
     "ArchitectureSupport",
+    "AttentionProbe",
     "BidirectionalUnsupportedError",
     "attends_to_future",
+    "check_bidirectional",
+    "probe_attention",
     "register_architecture",
     "set_bidirectional",
 ]
@@ -82,39 +87,115 @@ def set_bidirectional(model: torch.nn.Module, bidirectional: bool) -> None:
             sub_config.is_causal = not bidirectional
 
 
+@dataclass(frozen=True)
+class AttentionProbe:
+    """What :func:`probe_attention` measured: largest changes of hidden states, relative to their scale.
+
+    The padding figures are ``max |a - b| / max |a|`` over the states compared (shapes differ between the runs
+    compared, so rounding of the largest values is allowed for); above ``tolerance`` is a leak. The future-token
+    figures are ``max |a - b| / rms(a)``: the two runs compared are the same computation but for the last token,
+    so a causal model gives exactly 0, and the scale must not be the few huge outlier dimensions some models have
+    (untrained SmolLM2's token 0 moves by 2e-5 of its largest value but 1e-2 of its typical one). Above
+    ``future_tolerance`` the first token reads the last.
+    """
+
+    future_alone: float  # token 0 when only the last token changes, at batch size 1 (masks may be skipped)
+    future_padded: float  # the same inside a padded batch (a real mask)
+    padding_changes: float  # real tokens when only the ids at padded positions change (left and right padding)
+    padding_vs_alone: float  # real tokens of a padded row against the same text alone
+    tolerance: float  # relative change that counts for padding: max(1e-4, 8 * the dtype's machine epsilon)
+    future_tolerance: float = 1e-6  # for the future token (relative to the rms): max(1e-6, 4 * epsilon)
+
+    @property
+    def attends_to_future(self) -> bool:
+        return self.future_alone > self.future_tolerance and self.future_padded > self.future_tolerance
+
+    @property
+    def padding_is_masked(self) -> bool:
+        return self.padding_changes <= self.tolerance and self.padding_vs_alone <= self.tolerance
+
+
+def _relative_change(reference: torch.Tensor, other: torch.Tensor, scale_by: str = "max") -> float:
+    reference, other = reference.float(), other.float()
+    if not (torch.isfinite(reference).all() and torch.isfinite(other).all()):
+        return float("inf")
+    scale = reference.abs().max() if scale_by == "max" else reference.pow(2).mean().sqrt()
+    scale = scale.clamp(min=torch.finfo(torch.float32).tiny)
+    return ((reference - other).abs().max() / scale).item()
+
+
 @torch.inference_mode()
+def probe_attention(backbone: torch.nn.Module, vocab_size: int, device: torch.device | str = "cpu") -> AttentionProbe:
+    """Run a few 4-token inputs through ``backbone`` and measure what each token's state depends on.
+
+    Rows of the padded batch: two full rows that differ only in their last token; a 2-token text
+    right-padded, then the same with other ids in the padding; the same two left-padded (position ids
+    counting real tokens, as :func:`decoder2vec.inputs.pad_batch` makes them).
+    """
+    low = min(10, vocab_size - 6)
+    pad, junk = 0, low + 5
+    a, b, c, d = low, low + 1, low + 2, low + 3
+    dtype = next(backbone.parameters()).dtype
+    tolerance = max(1e-4, 8 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
+    future_tolerance = max(1e-6, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-6
+
+    def states(ids: list[list[int]], mask: list[list[int]]) -> torch.Tensor:  # (rows, 4, dim) float32
+        mask_ = torch.tensor(mask, device=device)
+        positions = (mask_.cumsum(dim=1) - 1).clamp(min=0)
+        out = backbone(
+            input_ids=torch.tensor(ids, device=device), attention_mask=mask_, position_ids=positions, use_cache=False
+        )
+        return out.last_hidden_state.float()
+
+    first, second = [a, b, c, d], [a, b, c, low + 4]
+    alone = [states([row], [[1] * 4])[0, 0] for row in (first, second)]  # token 0 at batch size 1
+    short_alone = states([[a, b]], [[1, 1]])[0]  # (2, dim)
+    rows = [first, second, [a, b, pad, pad], [a, b, junk, junk], [pad, pad, a, b], [junk, junk, a, b]]
+    masks = [[1] * 4, [1] * 4, [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+    batch = states(rows, masks)  # (6, 4, dim)
+    right, left = batch[2:4, :2], batch[4:6, 2:]  # the real tokens of the padded rows: (2, 2, dim) each
+    return AttentionProbe(
+        future_alone=_relative_change(alone[0], alone[1], scale_by="rms"),
+        future_padded=_relative_change(batch[0, 0], batch[1, 0], scale_by="rms"),
+        padding_changes=max(_relative_change(right[0], right[1]), _relative_change(left[0], left[1])),
+        padding_vs_alone=max(_relative_change(short_alone, right[0]), _relative_change(short_alone, left[0])),
+        tolerance=tolerance,
+        future_tolerance=future_tolerance,
+    )
+
+
 def attends_to_future(backbone: torch.nn.Module, vocab_size: int, device: torch.device | str = "cpu") -> bool:
     """True when token 0's last hidden state depends on the last token, alone and in a padded batch."""
-    low = min(10, vocab_size - 6)
-    first = torch.tensor([[low, low + 1, low + 2, low + 3]], device=device)
-    second = first.clone()
-    second[0, -1] = low + 4  # the two rows differ only in their last token
-
-    def first_token_states(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0].float()
-
-    ones = torch.ones_like(first)
-    alone = [first_token_states(ids, ones) for ids in (first, second)]  # batch size 1: masks may be skipped
-    # a padded batch: a shorter third row forces a real mask
-    short = torch.tensor([[low, low + 1, 0, 0]], device=device)
-    short_mask = torch.tensor([[1, 1, 0, 0]], device=device)
-    padded = first_token_states(torch.cat([first, second, short]), torch.cat([ones, ones, short_mask]))
-    return not torch.equal(alone[0], alone[1]) and not torch.equal(padded[0], padded[1])
+    return probe_attention(backbone, vocab_size, device).attends_to_future
 
 
 def check_bidirectional(backbone: torch.nn.Module, config, bidirectional: bool, device) -> None:
-    """Raise when the model does not behave as asked (bidirectional, or causal)."""
-    future = attends_to_future(backbone, config.vocab_size, device)
+    """Raise when the model does not behave as asked (bidirectional, or causal), or padding leaks."""
+    probe = probe_attention(backbone, config.vocab_size, device)
+    model_type = getattr(config, "model_type", "?")
+    implementation = getattr(config, "_attn_implementation", "?")
+    measured = (
+        f"(relative changes: future token {probe.future_alone:.2e} alone, {probe.future_padded:.2e} padded; "
+        f"padding {probe.padding_changes:.2e}, padded vs alone {probe.padding_vs_alone:.2e}; "
+        f"tolerances {probe.future_tolerance:.0e} future, {probe.tolerance:.0e} padding)"
+    )
+    future = probe.attends_to_future
     if bidirectional and not future:
-        model_type = getattr(config, "model_type", "?")
         raise BidirectionalUnsupportedError(
-            f"architecture {model_type!r} under attention implementation "
-            f"{getattr(config, '_attn_implementation', '?')!r} stays causal after setting config.is_causal=False. "
-            "Try attn_implementation='eager', upgrade transformers, or load with bidirectional=False. "
-            "Supported: " + ", ".join(sorted(ARCHITECTURES))
+            f"architecture {model_type!r} under attention implementation {implementation!r} stays causal after "
+            "setting config.is_causal=False. Try attn_implementation='eager', upgrade transformers, or load with "
+            f"bidirectional=False. Supported: {', '.join(sorted(ARCHITECTURES))} {measured}"
         )
-    if not bidirectional and future:
+    if not bidirectional and (
+        probe.future_alone > probe.future_tolerance or probe.future_padded > probe.future_tolerance
+    ):
         raise BidirectionalUnsupportedError(
-            f"architecture {getattr(config, 'model_type', '?')!r} attends to future tokens although causal "
-            "attention was asked for; this model is not a decoder-only model."
+            f"architecture {model_type!r} attends to future tokens although causal attention was asked for; "
+            f"this model is not a decoder-only model {measured}"
+        )
+    if not probe.padding_is_masked:
+        raise BidirectionalUnsupportedError(
+            f"architecture {model_type!r} under attention implementation {implementation!r}: padded positions "
+            f"change the real tokens' hidden states, so vectors would depend on the batch. Try "
+            f"attn_implementation='eager' or upgrade transformers {measured}"
         )

@@ -12,7 +12,7 @@ Concurrent requests are queued and encoded together: a worker thread takes the f
 collects more until as many texts wait as the last batch answered (those clients are back), or
 ``batch_size`` texts wait, or ``max_wait_ms`` (or ``wait_fraction`` of the last batch's encode time, when
 longer) has passed, then encodes them together. A batch is encoded as padding-free packs (texts end to
-end, each attending only to itself, see :func:`encode_packed`), so short requests of mixed lengths cost no
+end, each attending only to itself, see :mod:`decoder2vec.packing`), so short requests of mixed lengths cost no
 padding; models with sliding-window attention use ``Encoder.encode``'s padded batches. Every error answers with an OpenAI-style body
 ``{"error": {"message", "type", "param", "code"}}``, never a stack trace.
 
@@ -31,28 +31,35 @@ import contextlib
 import ctypes
 import hmac
 import ipaddress
+import json
 import logging
+import math
 import os
-import queue
+import re
 import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
 from .config import option
-from .pooling import pool
+from .packing import can_pack, encode_packed
 from .vectors import PRECISIONS, postprocess
 
 __all__ = ["DynamicBatcher", "ServeConfig", "create_app", "encode_packed", "register", "run_server", "serve_in_thread"]
 
 logger = logging.getLogger(__name__)
+
+
+API_KEY_ENV = "DECODER2VEC_API_KEY"
 
 
 @dataclass
@@ -61,21 +68,48 @@ class ServeConfig:
 
     host: str = option("127.0.0.1", help="address to listen on (loopback only unless --allow-remote)")
     port: int = option(8080, help="TCP port")
-    api_key: str | None = option(None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
-    model_name: str | None = option(None, help="model id reported by the API (default: the --model value)")
+    api_key: str | None = option(
+        None,
+        help=f"require 'Authorization: Bearer KEY' on /v1 endpoints; visible in `ps`: prefer --api-key-file or ${API_KEY_ENV}",
+    )
+    api_key_file: str | None = option(None, help="read the API key from this file (its first line)")
+    model_name: str | None = option(
+        None, help="model name the API reports (default: the model's short name or hub id, never a local path)"
+    )
     batch_size: int = option(32, help="most texts encoded in one forward pass")
     max_wait_ms: float = option(5.0, help="how long the batcher waits for more requests after the first one")
     wait_fraction: float = option(0.1, help="...or up to this fraction of the last batch's encode time, if longer")
     pack_tokens: int = option(512, help="encode a batch as padding-free packs of up to N tokens (0: padded batches)")
     max_inputs: int = option(2048, help="most inputs in one request (more: 413)")
     max_chars: int = option(32768, help="most characters in one input (more: 400)")
+    max_body_bytes: int = option(8 * 1024 * 1024, help="largest request body in bytes (more: 413)")
+    max_queue: int = option(
+        256,
+        help="most texts waiting to be encoded; a request that does not fit gets 429 with Retry-After "
+        "(a larger one is taken when nothing waits)",
+    )
+    request_timeout: float = option(
+        60.0, help="seconds a request may take: 503 if it is still queued then, 504 if it is being encoded"
+    )
+    read_timeout: float = option(10.0, help="seconds a client has to send a request's headers and its body (408)")
+    max_header_bytes: int = option(64 * 1024, help="largest request line plus headers in bytes (more: 431)")
     keep_alive: int = option(
         60, help="seconds an idle keep-alive connection stays open (uvicorn's own default, 5, races clients' reuse)"
     )
     allow_remote: bool = option(False, help="allow a non-loopback host (put TLS and an API key in front)")
 
     def __post_init__(self):
-        for name in ("batch_size", "max_inputs", "max_chars", "port", "pack_tokens", "keep_alive"):
+        for name in (
+            "batch_size",
+            "max_inputs",
+            "max_chars",
+            "max_body_bytes",
+            "max_queue",
+            "max_header_bytes",
+            "port",
+            "pack_tokens",
+            "keep_alive",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name in ("port", "pack_tokens") else 1):
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
@@ -83,11 +117,47 @@ class ServeConfig:
             raise ValueError(
                 f"need max_wait_ms >= 0 and 0 <= wait_fraction <= 1 ({self.max_wait_ms}, {self.wait_fraction})"
             )
+        for name in ("request_timeout", "read_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {getattr(self, name)!r}")
         if not self.allow_remote and not _is_loopback(self.host):
             raise ValueError(
                 f"host {self.host!r} is not a loopback address; the server listens on 127.0.0.1 or ::1 only "
-                "unless you pass --allow-remote (then use --api-key and a TLS proxy)"
+                "unless you pass --allow-remote (then use --api-key-file and a TLS proxy)"
             )
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("give the API key once: --api-key or --api-key-file, not both")
+        self.resolved_api_key()  # an unreadable or empty key file fails here, before the model loads
+
+    def resolved_api_key(self) -> str | None:
+        """The key clients must send: ``api_key``, else the first line of ``api_key_file``, else $DECODER2VEC_API_KEY."""
+        if self.api_key is not None:
+            key = self.api_key
+        elif self.api_key_file is not None:
+            try:
+                lines = open(self.api_key_file, encoding="utf-8").read().splitlines()  # noqa: SIM115
+            except OSError as error:
+                raise ValueError(f"cannot read the API key file {self.api_key_file!r}: {error.strerror}") from None
+            key = lines[0].strip() if lines else ""
+            if not key:
+                raise ValueError(f"the API key file {self.api_key_file!r} is empty; write the key on its first line")
+        else:
+            key = os.environ.get(API_KEY_ENV) or None
+        if key is not None and not key.isprintable():
+            raise ValueError("the API key must be printable characters (no spaces or line breaks around it)")
+        return key
+
+
+def display_name(source: str) -> str:
+    """The name the API shows for a model source: a short name or hub id as given; for a local folder or file
+    only its last component (a path on this machine is nobody else's business)."""
+    if not source:
+        return "decoder2vec"
+    path = Path(source).expanduser()
+    if os.path.isabs(source) or source.startswith((".", "~")) or path.exists():
+        name = path.name.removesuffix(".gguf")
+        return name or "decoder2vec"
+    return source
 
 
 def _is_loopback(host: str) -> bool:
@@ -100,17 +170,37 @@ def _is_loopback(host: str) -> bool:
 
 
 # ---------------------------------------------------------------------- dynamic batching
-@dataclass
+class QueueFullError(RuntimeError):
+    """The batcher already holds ``max_queue`` texts; the request may come back after ``retry_after`` seconds."""
+
+    def __init__(self, queued: int, retry_after: int):
+        super().__init__(f"{queued} texts are waiting to be encoded; try again in {retry_after} s")
+        self.queued, self.retry_after = queued, retry_after
+
+
+@dataclass(eq=False)
 class _Job:
-    pairs: list[tuple[str, str]]  # (instruction, text)
+    features: list  # tokenized texts
     future: Future = field(default_factory=Future)
+    taken: int = 0  # texts handed to a batch so far
+    parts: list = field(default_factory=list)  # vectors of the chunks encoded so far, in order
+    counts: list = field(default_factory=list)  # token counts of those chunks' texts
+
+    @property
+    def remaining(self) -> int:
+        return len(self.features) - self.taken
 
 
 class DynamicBatcher:
-    """Collects concurrent requests and encodes them with one ``encoder.encode`` call per batch.
+    """Collects concurrent requests and encodes them together, ``batch_size`` texts per forward pass.
 
-    ``submit`` may be called from any thread; the returned future gets (vectors (n, dim) float32,
-    token counts (n,)). One worker thread owns the encoder, so the model is never used concurrently.
+    ``submit`` may be called from any thread: it tokenizes there (never on the batcher's thread, so one huge
+    request does not hold up the others' batches) and returns a future of (vectors (n, dim) float32, token
+    counts (n,)). One worker thread owns the encoder, so the model is never used concurrently. A request of
+    more than ``batch_size`` texts is encoded ``batch_size`` texts at a time, its remainder queued behind the
+    requests that arrived meanwhile, so small requests keep their latency next to a large one.
+    At most ``max_queue`` texts wait (None: no bound): ``submit`` raises :class:`QueueFullError` beyond that,
+    except when nothing waits.
     """
 
     def __init__(
@@ -121,84 +211,159 @@ class DynamicBatcher:
         max_wait_ms: float = 5.0,
         wait_fraction: float = 0.1,
         pack_tokens: int = 512,
+        max_queue: int | None = None,
     ):
         self.encoder = encoder
         self.batch_size = batch_size
         self.pack_tokens = pack_tokens if can_pack(encoder) else 0
         self.max_wait = max_wait_ms / 1000
         self.wait_fraction = wait_fraction
+        self.max_queue = max_queue
         self._last_seconds = 0.0  # how long the last batch took to encode
         self._last_texts = 0  # how many texts it answered
         self.batches = 0  # encode calls so far
         self.texts = 0
         self.busy_seconds = 0.0  # time spent encoding: busy_seconds / uptime is the model's utilization
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self.rejected = 0  # requests refused because the queue was full
+        self._jobs: deque[_Job] = deque()
+        self._resume: list[_Job] = []  # jobs with texts left after the batch being encoded: queued again after it
+        self._waiting = 0  # texts of the queued jobs not yet handed to a batch
+        self._reserved = 0  # texts admitted and being tokenized
+        self._changed = threading.Condition()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="decoder2vec-batcher", daemon=True)
         self._thread.start()
 
+    @property
+    def queued(self) -> int:
+        """Texts admitted and not yet in a batch (being tokenized or waiting)."""
+        return self._waiting + self._reserved
+
     def submit(self, pairs: list[tuple[str, str]]) -> Future:
-        job = _Job(pairs)
-        self._queue.put(job)
+        """Queue (instruction, text) pairs: admitted or :class:`QueueFullError`, then tokenized in this thread."""
+        with self._changed:
+            queued = self._waiting + self._reserved
+            if self.max_queue is not None and queued and queued + len(pairs) > self.max_queue:
+                self.rejected += 1
+                raise QueueFullError(queued, self._retry_after(queued))
+            self._reserved += len(pairs)
+        try:
+            features = self.encoder.tokenize(pairs)
+        except BaseException:
+            with self._changed:
+                self._reserved -= len(pairs)
+            raise
+        job = _Job(features)
+        with self._changed:
+            self._reserved -= len(pairs)
+            self._waiting += len(pairs)
+            self._jobs.append(job)
+            self._changed.notify()
         return job.future
 
+    def cancel(self, future: Future) -> bool:
+        """Drop a request whose client stopped waiting; True when none of its texts had been encoded yet."""
+        with self._changed:
+            future.cancel()
+            for jobs in (self._jobs, self._resume):
+                for job in jobs:
+                    if job.future is future:
+                        jobs.remove(job)
+                        self._waiting -= job.remaining
+                        return job.taken == 0
+        return False
+
     def close(self) -> None:
-        self._queue.put(None)
+        """Encode what is queued, then stop the worker."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
         self._thread.join(timeout=30)
 
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            jobs, waiting = [first], len(first.pairs)
-            # Clients answered by the last batch come back a moment later (their responses are still being
-            # written and read): wait for them within the window, but stop waiting once as many texts are
-            # here as the last batch answered, since under steady load a longer wait only idles the model.
-            # Requests already queued always join, up to batch_size.
-            deadline = time.monotonic() + max(self.max_wait, min(self.wait_fraction * self._last_seconds, 0.25))
-            enough = min(self.batch_size, self._last_texts) or self.batch_size
-            while waiting < self.batch_size:
-                remaining = deadline - time.monotonic() if waiting < enough else 0
-                try:
-                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                jobs.append(job)
-                waiting += len(job.pairs)
-            self._encode(jobs)
+    def _retry_after(self, queued: int) -> int:
+        """Seconds until ``queued`` texts are encoded at the last batch's pace (at least 1)."""
+        per_text = self._last_seconds / self._last_texts if self._last_texts else 0.0
+        return max(1, math.ceil(queued * per_text + self._last_seconds))
 
-    def _encode(self, jobs: list[_Job]) -> None:
-        pairs = [pair for job in jobs for pair in job.pairs]
-        start = time.monotonic()
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                # a large request's remainder goes behind the requests that came while its last chunk was encoded
+                self._jobs.extend(self._resume)
+                self._resume.clear()
+                while not self._jobs and not self._closed:
+                    self._changed.wait()
+                if not self._jobs:
+                    return
+                # Clients answered by the last batch come back a moment later (their responses are still being
+                # written and read): wait for them within the window, but stop waiting once as many texts are
+                # here as the last batch answered, since under steady load a longer wait only idles the model.
+                # Texts already queued always join, up to batch_size.
+                deadline = time.monotonic() + max(self.max_wait, min(self.wait_fraction * self._last_seconds, 0.25))
+                enough = min(self.batch_size, self._last_texts) or self.batch_size
+                while self._waiting < enough and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
+                chunks = self._take()
+            if chunks:
+                self._encode(chunks)
+
+    def _take(self) -> list[tuple[_Job, int, int]]:
+        """Up to batch_size texts from the queued jobs, oldest first: (job, start, end) slices of their texts."""
+        chunks, room = [], self.batch_size
+        while self._jobs and room > 0:
+            job = self._jobs.popleft()
+            if job.future.done():  # cancelled, or an earlier chunk failed
+                self._waiting -= job.remaining
+                continue
+            count = min(job.remaining, room)
+            chunks.append((job, job.taken, job.taken + count))
+            job.taken += count
+            self._waiting -= count
+            room -= count
+            if job.remaining:
+                self._resume.append(job)
+        return chunks
+
+    def _encode(self, chunks: list[tuple[_Job, int, int]]) -> None:
+        features = [f for job, start, end in chunks for f in job.features[start:end]]
+        began = time.monotonic()
         try:
             if self.pack_tokens:
-                features = self.encoder.tokenize(pairs)
-                counts = [len(f.input_ids) for f in features]
                 vectors = encode_packed(self.encoder, features, max_tokens=self.pack_tokens)
             else:
-                counts = [len(f.input_ids) for f in self.encoder.tokenize(pairs)]
-                vectors = self.encoder.encode(
-                    pairs, batch_size=self.batch_size, convert_to="torch", show_progress=False
-                )
+                with torch.inference_mode():
+                    vectors = self.encoder(self.encoder.collate(features)).float().cpu()
         except Exception as error:  # handed to each waiting request, which answers 500
-            logger.exception("encoding a batch of %d texts failed", len(pairs))
-            for job in jobs:
-                job.future.set_exception(error)
+            logger.exception("encoding a batch of %d texts failed", len(features))
+            for job, _, _ in chunks:
+                _settle(job.future, error=error)
             return
-        self._last_seconds = time.monotonic() - start
-        self._last_texts = len(pairs)
+        self._last_seconds = time.monotonic() - began
+        self._last_texts = len(features)
         self.batches += 1
-        self.texts += len(pairs)
+        self.texts += len(features)
         self.busy_seconds += self._last_seconds
-        start = 0
-        for job in jobs:
-            end = start + len(job.pairs)
-            job.future.set_result((vectors[start:end], counts[start:end]))
-            start = end
+        offset = 0
+        for job, start, end in chunks:
+            job.parts.append(vectors[offset : offset + end - start])
+            job.counts += [len(f.input_ids) for f in job.features[start:end]]
+            offset += end - start
+            if len(job.counts) == len(job.features):
+                _settle(job.future, result=(torch.cat(job.parts), job.counts))
+
+
+def _settle(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Resolve a request's future unless its client gave up on it (then the future is cancelled)."""
+    if future.cancelled():  # (set_result would still overwrite a cancelled concurrent Future)
+        return
+    with contextlib.suppress(InvalidStateError):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 def release_openmp_threads() -> bool:
@@ -222,81 +387,24 @@ def release_openmp_threads() -> bool:
     return pause is not None and pause(1) == 0  # 1: omp_pause_soft
 
 
-# ---------------------------------------------------------------------- padding-free packs
-def can_pack(encoder) -> bool:
-    """Packing replaces the model's masks by one block-diagonal mask: only for models without sliding windows."""
-    config = encoder.model.config.get_text_config()
-    implementation = getattr(config, "_attn_implementation", None)
-    return getattr(config, "sliding_window", None) is None and implementation in ("sdpa", "eager")
-
-
-def encode_packed(encoder, features, *, max_tokens: int = 512) -> torch.Tensor:
-    """Pooled float32 vectors (n, dim) of tokenized texts, encoded as padding-free packs.
-
-    Many short requests make a batch of texts of mixed lengths, and a padded batch computes every row at
-    the longest length. Here texts are laid end to end in packs of up to ``max_tokens`` tokens, with
-    position ids restarting at 0 for each text and a block-diagonal attention mask, so each text attends
-    only to itself (causally when the encoder is causal) exactly as in a padded batch, and no padding is
-    computed. The packs are then unpacked and pooled with the encoder's own pooling.
-    """
-    order = sorted(range(len(features)), key=lambda i: -len(features[i].input_ids))
-    packs, current, size = [], [], 0
-    for index in order:
-        length = len(features[index].input_ids)
-        if current and size + length > max_tokens:
-            packs.append(current)
-            current, size = [], 0
-        current.append(index)
-        size += length
-    if current:
-        packs.append(current)
-    out = torch.empty(len(features), encoder.dim, dtype=torch.float32)
-    with torch.inference_mode():
-        for pack in packs:
-            out[pack] = _forward_pack(encoder, [features[i] for i in pack]).cpu()
-    return out
-
-
-def _forward_pack(encoder, features) -> torch.Tensor:
-    device = encoder.device
-    lengths = torch.tensor([len(f.input_ids) for f in features])
-    segment = torch.repeat_interleave(torch.arange(len(features)), lengths).to(device)  # (total,)
-    positions = torch.cat([torch.arange(int(n)) for n in lengths]).to(device)  # (total,)
-    allowed = segment[:, None] == segment[None, :]  # (total, total): same text
-    if not encoder.config.bidirectional:
-        allowed &= positions[None, :] <= positions[:, None]
-    dtype = next(encoder.backbone.parameters()).dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    input_ids = torch.tensor([i for f in features for i in f.input_ids], device=device)
-    hidden = encoder.backbone(
-        input_ids=input_ids[None], attention_mask=mask[None, None], position_ids=positions[None], use_cache=False
-    ).last_hidden_state[0]  # (total, dim)
-    # unpack into a right-padded batch: row = text, column = position within the text
-    padded = hidden.new_zeros(len(features), int(lengths.max()), hidden.shape[-1])  # (n, longest, dim)
-    padded[segment, positions] = hidden
-    attention = (torch.arange(padded.shape[1], device=device)[None] < lengths.to(device)[:, None]).long()
-    pool_mask = torch.zeros_like(attention)
-    pool_mask[segment, positions] = torch.tensor([m for f in features for m in f.pool_mask], device=device)
-    return pool(padded.float(), attention, pool_mask, encoder.config.pooling)
-
-
 # ---------------------------------------------------------------------- the app
 def create_app(encoder, config: ServeConfig | None = None):
     """A FastAPI app serving ``encoder``; the batcher starts and stops with the app."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     config = config or ServeConfig()
     release_openmp_threads()  # see there: the batcher's thread gets the CPUs' OpenMP threads to itself
     FastJSONResponse = _fast_json_response_class()
-    model_id = config.model_name or encoder.source or "decoder2vec"
+    model_id = config.model_name or display_name(encoder.source)
     created = int(time.time())
-    state: dict = {}
+    state: dict = {"timeouts": 0}
 
     class EmbeddingRequest(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
 
         input: str | list[str] = Field(description="a text or a list of texts")
         model: str | None = None
@@ -315,6 +423,7 @@ def create_app(encoder, config: ServeConfig | None = None):
             max_wait_ms=config.max_wait_ms,
             wait_fraction=config.wait_fraction,
             pack_tokens=config.pack_tokens,
+            max_queue=config.max_queue,
         )
         try:
             yield
@@ -332,10 +441,13 @@ def create_app(encoder, config: ServeConfig | None = None):
         if any(p.get("type") == "json_invalid" for p in problems):
             return error(400, "the request body is not valid JSON", code="invalid_json")
         first = problems[0] if problems else {}
+        if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+            return error(400, "the request body is empty; send a JSON object", code="empty_body")
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = where[0] if where else None
         detail = "; ".join(f"{_location(p)}: {p.get('msg')}" for p in problems[:5])
-        return error(422, f"invalid request: {detail}", param=param, code="invalid_value")
+        code = "unknown_parameter" if first.get("type") == "extra_forbidden" else "invalid_value"
+        return error(422, f"invalid request: {detail}", param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -347,8 +459,12 @@ def create_app(encoder, config: ServeConfig | None = None):
         logger.exception("unexpected error on %s", request.url.path)
         return error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
-    if config.api_key:
-        app.add_middleware(_RequireAPIKey, key=config.api_key)
+    app.add_middleware(
+        _Guard,
+        key=config.resolved_api_key(),
+        max_body_bytes=config.max_body_bytes,
+        read_timeout=config.read_timeout,
+    )
 
     @app.get("/health")
     async def health():
@@ -360,6 +476,9 @@ def create_app(encoder, config: ServeConfig | None = None):
             "batches": batcher.batches if batcher else 0,
             "texts": batcher.texts if batcher else 0,
             "busy_seconds": round(batcher.busy_seconds, 3) if batcher else 0.0,
+            "queued": batcher.queued if batcher else 0,
+            "rejected": batcher.rejected if batcher else 0,
+            "timeouts": state["timeouts"],
         }
 
     @app.get("/v1/models")
@@ -369,30 +488,42 @@ def create_app(encoder, config: ServeConfig | None = None):
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
+        began = time.monotonic()
         texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts:
-            return error(400, "input must not be empty", param="input")
-        if len(texts) > config.max_inputs:
-            return error(
-                413,
-                f"{len(texts)} inputs; at most {config.max_inputs} per request",
-                param="input",
-                code="too_many_inputs",
-            )
-        for index, text in enumerate(texts):
-            if len(text) > config.max_chars:
-                return error(
-                    400,
-                    f"input[{index}] has {len(text)} characters; at most {config.max_chars}",
-                    param="input",
-                    code="input_too_long",
-                )
-        if body.dimensions is not None and body.dimensions > encoder.dim:
-            return error(400, f"dimensions must be from 1 to {encoder.dim}, not {body.dimensions}", param="dimensions")
-        if body.instruction is not None and len(body.instruction) > config.max_chars:
-            return error(400, f"instruction has more than {config.max_chars} characters", param="instruction")
+        problem = _check_texts(texts, body.instruction, config, encoder.dim, body.dimensions)
+        if problem is not None:
+            return error(*problem[:2], param=problem[2], code=problem[3])
+        batcher = state["batcher"]
         pairs = [(body.instruction or "", text) for text in texts]
-        vectors, counts = await asyncio.wrap_future(state["batcher"].submit(pairs))
+        try:  # admitted or refused at once, then tokenized here (short) or in a worker thread, never on the batcher's
+            if sum(len(text) for text in texts) <= _INLINE_CHARS:
+                future = batcher.submit(pairs)
+            else:
+                future = await run_in_threadpool(batcher.submit, pairs)
+        except QueueFullError as full:
+            return error(
+                429,
+                f"the server is busy ({full.queued} texts waiting); retry after {full.retry_after} s",
+                kind="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(full.retry_after)},
+            )
+        waiting = asyncio.wrap_future(future)
+        done, _ = await asyncio.wait({waiting}, timeout=max(0.0, config.request_timeout - (time.monotonic() - began)))
+        if not done:
+            state["timeouts"] += 1
+            if batcher.cancel(future):  # never reached the model: the queue is too long for this timeout
+                return error(
+                    503,
+                    f"the request waited {config.request_timeout:g} s in the queue without being encoded",
+                    kind="server_error",
+                    code="queue_timeout",
+                    headers={"Retry-After": str(batcher._retry_after(batcher.queued))},
+                )
+            return error(
+                504, f"encoding took longer than {config.request_timeout:g} s", kind="server_error", code="timeout"
+            )
+        vectors, counts = waiting.result()  # an encoding error propagates: 500 without a traceback
         out = postprocess(vectors, normalize=body.normalize, dimensions=body.dimensions, precision=body.precision)
         data = [
             {"object": "embedding", "index": i, "embedding": _encode_vector(row, body.encoding_format)}
@@ -405,33 +536,112 @@ def create_app(encoder, config: ServeConfig | None = None):
     return app
 
 
-def _error_response(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+_INLINE_CHARS = 4096  # requests up to this size are tokenized on the event loop (< 1 ms; a thread hop costs more)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can escape a lone one ("\\ud800"), but UTF-8 cannot encode it
+
+
+def _check_texts(texts: list[str], instruction: str | None, config: ServeConfig, dim: int, dimensions: int | None):
+    """(status, message, param, code) of the first problem with a request's texts, or None."""
+    if not texts:
+        return 400, "input must not be empty", "input", None
+    if len(texts) > config.max_inputs:
+        return 413, f"{len(texts)} inputs; at most {config.max_inputs} per request", "input", "too_many_inputs"
+    for index, text in enumerate(texts):
+        if not text:
+            return 400, f"input[{index}] is an empty string", "input", "empty_input"
+        if len(text) > config.max_chars:
+            message = f"input[{index}] has {len(text)} characters; at most {config.max_chars}"
+            return 400, message, "input", "input_too_long"
+        if _SURROGATE.search(text):
+            return 400, f"input[{index}] holds a lone UTF-16 surrogate, which is not text", "input", "invalid_text"
+    if instruction is not None:
+        if len(instruction) > config.max_chars:
+            return 400, f"instruction has more than {config.max_chars} characters", "instruction", "input_too_long"
+        if _SURROGATE.search(instruction):
+            return 400, "instruction holds a lone UTF-16 surrogate, which is not text", "instruction", "invalid_text"
+    if dimensions is not None and dimensions > dim:
+        return 400, f"dimensions must be from 1 to {dim}, not {dimensions}", "dimensions", None
+    return None
+
+
+def _error_response(
+    status: int, message: str, kind: str = "invalid_request_error", param=None, code=None, headers=None
+):
     from fastapi.responses import JSONResponse
 
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-class _RequireAPIKey:
-    """ASGI middleware: /v1 requests need ``Authorization: Bearer KEY`` (401 otherwise).
+class _Guard:
+    """ASGI middleware in front of the app: the API key on /v1 (401), then the whole request body, read
+    within ``read_timeout`` seconds (408) and ``max_body_bytes`` (413), so the app only sees a bounded body.
 
+    The key is compared in constant time. An oversized body is read on and dropped (up to 4x the limit)
+    before the 413, so that the client, still sending, reads the answer instead of a reset connection.
     A plain ASGI class rather than ``@app.middleware("http")``, whose per-request task and stream
-    plumbing costs more than the check itself under many small requests.
+    plumbing costs more than these checks under many small requests.
     """
 
-    def __init__(self, app, key: str):
+    def __init__(self, app, key: str | None, max_body_bytes: int, read_timeout: float):
         self.app = app
-        self.expected = f"Bearer {key}".encode()
+        self.expected = f"Bearer {key}".encode() if key else None
+        self.max_body_bytes = max_body_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"].startswith("/v1"):
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
                 response = _error_response(
                     401, "missing or incorrect API key (Authorization: Bearer KEY)", code="invalid_api_key"
                 )
                 return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+        declared = headers.get(b"content-length", b"")
+        progress = {"too_big": declared.isdigit() and int(declared) > self.max_body_bytes, "disconnected": False}
+        try:
+            body = await asyncio.wait_for(self._read_body(receive, progress), self.read_timeout)
+        except asyncio.TimeoutError:
+            body = None
+        if progress["disconnected"]:
+            return None
+        if body is None:
+            if progress["too_big"]:
+                status, message, code = 413, f"the body is over {self.max_body_bytes} bytes", "body_too_large"
+            else:
+                status, message, code = 408, f"the body took over {self.read_timeout:g} s to arrive", "read_timeout"
+            response = _error_response(status, message, code=code, headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive, progress: dict) -> bytes | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                progress["disconnected"] = True
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            progress["too_big"] = progress["too_big"] or size > self.max_body_bytes
+            if progress["too_big"]:
+                if size > 4 * self.max_body_bytes:
+                    return None  # stop reading: the connection is closed after the 413
+            else:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return None if progress["too_big"] else b"".join(chunks)
 
 
 def _location(problem: dict) -> str:
@@ -463,11 +673,88 @@ def _fast_json_response_class():
 
 
 # ---------------------------------------------------------------------- running it
+def http_protocol(
+    read_timeout: float = ServeConfig.read_timeout, max_header_bytes: int = ServeConfig.max_header_bytes
+):
+    """uvicorn's httptools protocol, plus a deadline (408) and a size cap (431) for a request's line and headers.
+
+    uvicorn has neither: a client that sends its headers a byte at a time (slow loris), or endless headers,
+    holds a connection and its memory for as long as it likes. The clock starts when a connection opens
+    and when a request's first byte arrives, and stops when its headers are complete; an idle keep-alive
+    connection is uvicorn's ``timeout_keep_alive`` business. Returns "auto" without httptools.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        logger.warning("httptools is missing: no deadline for reading request headers (pip install httptools)")
+        return "auto"
+
+    def answer(status: int, reason: str, message: str, code: str) -> bytes:
+        body = json.dumps(
+            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+        )
+        head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        return (head + "connection: close\r\n\r\n" + body).encode()
+
+    too_slow = answer(408, "Request Timeout", f"the headers took over {read_timeout:g} s to arrive", "read_timeout")
+    too_large = answer(431, "Request Header Fields Too Large", f"over {max_header_bytes} bytes", "headers_too_large")
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport) -> None:
+            self._header_timer = None
+            self._header_bytes = 0
+            super().connection_made(transport)
+            self._start_header_clock()
+
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._start_header_clock()  # the first byte of the next request on a kept-alive connection
+            super().data_received(data)
+            if self._header_timer is not None:  # the headers are still incomplete after these bytes
+                self._header_bytes += len(data)
+                if self._header_bytes > max_header_bytes:
+                    self._refuse(too_large)
+
+        def on_headers_complete(self) -> None:
+            self._stop_header_clock()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_header_clock()
+            super().connection_lost(exc)
+
+        def _start_header_clock(self) -> None:
+            self._header_bytes = 0
+            self._header_timer = self.loop.call_later(read_timeout, self._refuse, too_slow)
+
+        def _stop_header_clock(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _refuse(self, answer: bytes) -> None:
+            self._stop_header_clock()
+            if not self.transport.is_closing():
+                self.transport.write(answer)
+                self.transport.close()
+
+    return GuardedHttpToolsProtocol
+
+
+def _uvicorn_options(app, keep_alive: int) -> dict:
+    limits = getattr(getattr(app, "state", None), "config", None) or ServeConfig()
+    return {
+        "access_log": False,
+        "timeout_keep_alive": keep_alive,
+        "http": http_protocol(limits.read_timeout, limits.max_header_bytes),
+    }
+
+
 def run_server(app, host: str = "127.0.0.1", port: int = 8080, keep_alive: int = ServeConfig.keep_alive) -> None:
     """Serve ``app`` with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_keep_alive=keep_alive)
+    uvicorn.run(app, host=host, port=port, log_level="info", **_uvicorn_options(app, keep_alive))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -484,9 +771,7 @@ def serve_in_thread(
     import uvicorn
 
     port = port or free_port(host)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=keep_alive
-    )
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", **_uvicorn_options(app, keep_alive))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="decoder2vec-uvicorn", daemon=True)
     thread.start()
@@ -510,7 +795,8 @@ def _serve_command(args) -> None:
     config = config_from_args(ServeConfig, args)  # validates the host before the model loads
     encoder = load_encoder(args)
     app = create_app(encoder, config)
-    print(f"serving {config.model_name or args.model} (dim {encoder.dim}) on http://{config.host}:{config.port}/v1")
+    name = config.model_name or display_name(encoder.source)
+    print(f"serving {name} (dim {encoder.dim}) on http://{config.host}:{config.port}/v1")
     run_server(app, host=config.host, port=config.port, keep_alive=config.keep_alive)
 
 

@@ -1,9 +1,10 @@
 """Supervised contrastive training on (query, positive[, hard negative]) rows, with GradCache.
 
 Each query must find its positive among every document of the step: the positives and hard
-negatives of its own batch and, with several processes, of every other process (gathered with
-``all_gather``; gradients flow into this process's own documents). Instructions go on the query side
-only, so documents are embedded once for any task.
+negatives of its own batch and, with several processes, of every other process (gathered with a
+differentiable ``all_gather``: the gradient every process's queries send into a document reaches the
+process that embedded it). Instructions go on the query side only, so documents are embedded once for
+any task.
 
 :class:`GradCache` gives the same loss and gradients with large batches in little memory: it embeds
 all texts in chunks without a graph, computes the loss and its gradient with respect to the cached
@@ -35,15 +36,37 @@ __all__ = ["ContrastiveLoss", "GradCache", "gather_with_grad"]
 def gather_with_grad(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All processes' rows concatenated in rank order, and this process's offset into them.
 
-    The local rows keep their graph; rows from other processes are constants. One process: ``(local, 0)``.
+    Differentiable across processes: in backward, the gradients that every process's loss sends into
+    this process's rows are summed (all-reduce) and flow into its graph, so process r's documents also
+    learn from the other processes' queries. With the usual gradient averaging over processes (DDP,
+    accelerate), the parameters then get the gradient of the mean loss over the global batch, exactly as
+    one process would on all the queries and documents. Every process must call ``backward`` (as DDP
+    requires anyway) and hold the same number of rows. One process: ``(local, 0)``.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local, 0
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.detach().contiguous())
-    rank = dist.get_rank()
-    parts[rank] = local
-    return torch.cat(parts), rank * len(local)
+    return _AllGather.apply(local), dist.get_rank() * len(local)
+
+
+class _AllGather(torch.autograd.Function):
+    """``all_gather`` whose backward all-reduces (sums) the gathered rows' gradients, then keeps this rank's.
+
+    ``torch.distributed.nn.functional.all_gather`` does the same with a reduce-scatter, which gloo lacks.
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rows, ctx.rank = len(local), rank
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)  # (world * rows, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place: not autograd's own buffer
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 class ContrastiveLoss(nn.Module):
@@ -73,7 +96,9 @@ class GradCache:
 
     ``embed(batch) -> (k, dim)`` embeds a collated chunk (the training module), ``collate(features)``
     pads a chunk, ``loss_fn(queries, documents)`` is the contrastive loss. :meth:`step` fills the
-    gradients exactly as ``backward(loss_fn(embed(all queries), embed(all documents)))`` would.
+    gradients exactly as ``backward(loss_fn(embed(all queries), embed(all documents)))`` would, in one
+    process or several (the loss gathers documents with :func:`gather_with_grad`; the backward that
+    reaches the cached vectors runs its all-reduce in every process).
     """
 
     def __init__(self, embed: Callable, collate: Callable, loss_fn: nn.Module, chunk_size: int):

@@ -53,7 +53,11 @@ def test_hidden_dropout_needs_decoder_layers():
 
 @pytest.mark.parametrize(
     "override, message",
-    [({"attention_dropout": 1.0}, "attention_dropout"), ({"temperature": 0}, "temperature")],
+    [
+        ({"attention_dropout": 1.0}, "attention_dropout"),
+        ({"temperature": 0}, "temperature"),
+        ({"pack_tokens": -1}, "pack_tokens"),
+    ],
 )
 def test_config_validation(override, message):
     with pytest.raises(ValueError, match=message):

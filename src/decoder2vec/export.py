@@ -116,6 +116,12 @@ def write_merged(encoder, folder: Path) -> list[str]:
 def write_sentence_transformers(encoder, folder: Path) -> list[str]:
     """Write the sentence-transformers layout; returns the notes on what it cannot express."""
     config = encoder.config
+    if not config.text_prompt.is_plain:  # its prompts are prefixes, pooled over everything after them
+        raise ExportError(
+            f"the sentence-transformers format cannot express prompt={config.prompt!r} with pooled_tokens="
+            f"{config.text_prompt.pooled!r} (a template around the text, pooling part of it); "
+            "export with --format merged, which Encoder.from_pretrained reads with the prompt"
+        )
     backbone = merged_model(encoder).base_model  # the decoder without its LM head
     architectures = backbone.config.architectures
     try:
@@ -349,6 +355,7 @@ def write_model_card(folder: Path, encoder, format: str, *, evaluation=None, not
         f"| instruction template | `{config.instruction_template}` |",
         f"| query instruction | {_code(config.query_instruction)} |",
         f"| document instruction | {_code(config.document_instruction)} |",
+        f"| prompt | {_code(json.dumps(config.text_prompt.template))}, pooled: {config.text_prompt.pooled} |",
         "",
         "## Training",
         "",

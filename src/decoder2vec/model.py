@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .attention import ARCHITECTURES, ArchitectureSupport, check_bidirectional, set_bidirectional
 from .config import option, save_config
-from .inputs import TextInput, normalize_inputs, pad_batch, tokenize
+from .inputs import TextInput, TextPrompt, normalize_inputs, pad_batch, resolve_prompt, tokenize
 from .llm2vec_compat import detect_llm2vec_checkpoint
 from .pooling import POOLING_MODES, pool
 from .sources import ModelSourceError, resolve_source
@@ -47,6 +47,15 @@ class EncoderConfig:
     attn_implementation: str | None = option(None, help="eager | sdpa | flash_attention_2; default: sdpa if supported")
     query_instruction: str | None = option(None, help="default instruction for queries (server, exports, model card)")
     document_instruction: str | None = option(None, help="default instruction for documents; usually none")
+    prompt: str = option(
+        "{text}",
+        help="template the text is written into ({text} once or more), or a preset: prompteol | echo",
+    )
+    pooled_tokens: str | None = option(
+        None,
+        help="text (the tokens of the text's last copy) | prompt_end (the input's last token); "
+        "default: the preset's, else text",
+    )
 
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
@@ -57,6 +66,12 @@ class EncoderConfig:
             raise ValueError(f"max_length must be an integer >= 2, not {self.max_length!r}")
         if "{instruction}" not in self.instruction_template:
             raise ValueError("instruction_template must contain '{instruction}'")
+        resolve_prompt(self.prompt, self.pooled_tokens)  # raises on an unknown preset or pooled_tokens
+
+    @property
+    def text_prompt(self) -> TextPrompt:
+        """``prompt`` with its preset resolved (see ``decoder2vec.inputs.PROMPT_PRESETS``)."""
+        return resolve_prompt(self.prompt, self.pooled_tokens)
 
     @property
     def adds_eos(self) -> bool:
@@ -164,15 +179,16 @@ class Encoder(torch.nn.Module):
         return 0
 
     # ------------------------------------------------------------------ one forward pass
-    def tokenize(self, texts: Sequence[TextInput], instruction: str | None = None):
-        """(instruction, text) pairs -> per-text token ids and pooled-token masks."""
+    def tokenize(self, texts: Sequence[TextInput], instruction: str | None = None, *, max_length: int | None = None):
+        """(instruction, text) pairs -> per-text token ids and pooled-token masks (training passes its max_length)."""
         pairs = normalize_inputs(texts, instruction)
         return tokenize(
             self.tokenizer,
             pairs,
-            max_length=self.config.max_length,
+            max_length=max_length or self.config.max_length,
             instruction_template=self.config.instruction_template,
             append_eos=self.config.adds_eos,
+            prompt=self.config.text_prompt,
         )
 
     def collate(self, features) -> dict[str, torch.Tensor]:

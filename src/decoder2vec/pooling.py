@@ -1,8 +1,8 @@
 """Pooling: from last hidden states to one vector per text.
 
-Every mode reads only the positions given by ``pool_mask`` (the text's tokens, see
-:mod:`decoder2vec.inputs`) and ``attention_mask`` (real tokens), so results are the same with
-left and with right padding.
+Every mode reads only the positions given by ``pool_mask`` (the text's tokens; with a prompt, the
+tokens of the text's last copy or the prompt's final token, see :mod:`decoder2vec.inputs`) and
+``attention_mask`` (real tokens), so results are the same with left and with right padding.
 
 * ``mean``: average over the text's tokens.
 * ``weighted_mean``: position-weighted average over the text's tokens, weight 1, 2, ..., n from

@@ -3,6 +3,8 @@
 The batch of ``n`` sentences is doubled (``[s_1..s_n, s_1..s_n]``) and embedded in one forward pass,
 so the two copies of each sentence see different dropout masks. :class:`InfoNCELoss` then asks each
 first view to pick its second view among all ``n`` second views (the other sentences are negatives).
+The training stage embeds the doubled batch as padding-free packs (``pack_tokens``, see
+:mod:`decoder2vec.packing`): the same loss and gradients as the padded batch, without computing padding.
 
 Decoder-only models have little or no dropout (Llama: none in hidden states, 0 in attention), so two
 views are nearly identical and the task becomes trivial. :func:`set_dropout` adds the noise:

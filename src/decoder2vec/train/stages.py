@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..inputs import normalize_inputs, tokenize
+from ..packing import PackedEmbedder
 from .config import MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig
 from .data import DataError, pack_documents, read_rows, read_texts
 from .mntp import MNTPCollator, MNTPLoss
@@ -64,13 +64,8 @@ def _dropout(config, encoder) -> list[Callable[[], None]]:
 
 
 def _tokenize(encoder, texts, max_length: int, instruction: str | None = None):
-    return tokenize(
-        encoder.tokenizer,
-        normalize_inputs(texts, instruction),
-        max_length=max_length,
-        instruction_template=encoder.config.instruction_template,
-        append_eos=encoder.config.adds_eos,
-    )
+    # The encoder's own tokenization (instruction template, prompt, EOS), so training sees what encode sees.
+    return encoder.tokenize(texts, instruction, max_length=max_length)
 
 
 def simcse_stage(config: SimCSEConfig, encoder) -> Stage:
@@ -80,15 +75,18 @@ def simcse_stage(config: SimCSEConfig, encoder) -> Stage:
         for text in read_texts(source, text_field=config.text_field, documents=False)
     ]
     loss_fn = InfoNCELoss(config.temperature)
+    embedder = PackedEmbedder(encoder, max_tokens=config.pack_tokens)  # padded batches where packing is not exact
 
     def step(module, examples, generator, backward, no_sync=contextlib.nullcontext):
         features = _tokenize(encoder, examples, config.max_seq_length)
-        vectors = module(encoder.collate(features + features))  # (2n, dim): two dropout views in one pass
+        # (2n, dim): both dropout views in one pass; each text sits twice in the batch, so its two copies
+        # draw independent dropout masks, packed or padded
+        vectors = module(embedder.collate(features + features))
         loss = loss_fn(vectors[: len(examples)], vectors[len(examples) :])
         backward(loss)
         return loss.detach()
 
-    return Stage(sentences, encoder, step, _dropout(config, encoder))
+    return Stage(sentences, embedder, step, _dropout(config, encoder))
 
 
 def supervised_stage(config: SupervisedConfig, encoder) -> Stage:

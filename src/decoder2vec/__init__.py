@@ -1,7 +1,9 @@
 """decoder2vec: turn any decoder-only language model into a text encoder (LLM2Vec method)."""
 
 from .attention import ARCHITECTURES, ArchitectureSupport, BidirectionalUnsupportedError, register_architecture
+from .embed import embed_corpus, read_embeddings
 from .export import EXPORT_FORMATS, ExportError, export_model
+from .index import build_index, search
 from .model import Encoder, EncoderConfig
 from .pooling import POOLING_MODES, pool
 from .sources import EMBEDDED_MODELS, ModelSourceError
@@ -21,7 +23,11 @@ __all__ = [
     "ModelSourceError",
     "POOLING_MODES",
     "PRECISIONS",
+    "build_index",
+    "embed_corpus",
     "export_model",
     "pool",
+    "read_embeddings",
     "register_architecture",
+    "search",
 ]

@@ -1,0 +1,159 @@
+"""Corpus embedding throughput: `decoder2vec embed` against `Encoder.encode` of the same rows, same run.
+
+The corpus is the shared Wikipedia sentences repeated to ``--rows`` rows, as JSONL with ids. In one process,
+alternating for ``--rounds`` rounds (so a shared machine's load hits both alike):
+
+* ``encode``: ``Encoder.encode`` of all the texts, already in memory (batch ``--batch-size``, length-sorted);
+* ``embed``: ``embed_corpus`` with the same loaded encoder, ``--workers 1``: the checking pass over the file,
+  reading each shard, encoding, writing Parquet, the manifest; ratio embed / encode (target >= 0.95).
+
+Then ``--workers 2`` with 1 thread each against 1 worker with ``--threads`` threads (fresh processes: model
+loads included), ``--engine ray`` on a local Ray cluster against local (target: <= 15 % slower; ``ray.init``
+not counted, the actor's and the settings task's model loads counted), and the peak RSS of ``embed`` in a
+fresh process at ``--rows`` and at a tenth of them (memory bounded by the shard, not the corpus).
+
+    python bench/embed.py --model smollm2-135m --rows 50000 [--threads 2] [--max-length 128]
+    python bench/embed.py --model tiny --rows 50000      # a tiny random Llama: the pipeline's own overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from decoder2vec import Encoder
+from decoder2vec.embed import embed_corpus
+
+DATA = Path(os.environ.get("DECODER2VEC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+_RSS = """
+import resource, sys, torch
+torch.set_num_threads(int(sys.argv[4]))
+from decoder2vec.embed import embed_corpus
+embed_corpus(sys.argv[1], sys.argv[2], model=sys.argv[3], text_field="text", id_field="id",
+             encoder_options={"max_length": int(sys.argv[5])}, shard_size=int(sys.argv[6]), progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def write_corpus(path: Path, rows: int) -> list[str]:
+    lines = [
+        ln for ln in (DATA / "text" / "wiki_sentences.txt").read_text(encoding="utf-8").splitlines() if ln.strip()
+    ]
+    texts = [lines[i % len(lines)] for i in range(rows)]
+    with open(path, "w", encoding="utf-8") as handle:
+        for i, text in enumerate(texts):
+            handle.write(json.dumps({"id": f"wiki-{i}", "text": text}) + "\n")
+    return texts
+
+
+def model_folder(name: str, root: Path) -> str:
+    if name != "tiny":
+        from decoder2vec.sources import resolve_source
+
+        return resolve_source(name)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import make_model_dir
+
+    return str(make_model_dir(root / "tiny-llama", "llama"))
+
+
+def timed_embed(corpus, out, **options) -> float:
+    start = time.perf_counter()
+    manifest = embed_corpus(corpus, out, text_field="text", id_field="id", progress=False, overwrite=True, **options)
+    assert manifest["complete"], manifest
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="model folder or short name, or 'tiny'")
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--shard-size", type=int, default=5_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[], help="any of: workers ray rss")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="bench-embed-"))
+    folder = model_folder(args.model, root)
+    corpus = root / "corpus.jsonl"
+    texts = write_corpus(corpus, args.rows)
+    common = {"batch_size": args.batch_size, "shard_size": args.shard_size}
+    encoder = Encoder.from_pretrained(folder, max_length=args.max_length)
+    print(f"model {args.model} ({folder}), {args.rows} rows, {args.threads} threads, batch {args.batch_size}, "
+          f"max_length {args.max_length}, shards of {args.shard_size}; torch {torch.__version__}")  # fmt: skip
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start (niced, shared)")
+    results: dict = {"rows": args.rows, "threads": args.threads, "model": args.model}
+
+    # wall-clock seconds and this process's CPU seconds (all its threads): on a shared, loaded machine the CPU
+    # seconds are the fair measure of the work each path does
+    encode_s, embed_s, encode_cpu, embed_cpu = [], [], [], []
+    for round_ in range(args.rounds):
+        start, cpu = time.perf_counter(), time.process_time()
+        encoder.encode(texts, batch_size=args.batch_size, show_progress=False)
+        encode_s.append(time.perf_counter() - start)
+        encode_cpu.append(time.process_time() - cpu)
+        cpu = time.process_time()
+        embed_s.append(timed_embed(corpus, root / "out-local", encoder=encoder, **common))
+        embed_cpu.append(time.process_time() - cpu)
+        print(f"round {round_ + 1}: encode {args.rows / encode_s[-1]:.1f} rows/s ({args.rows / encode_cpu[-1]:.1f} "
+              f"rows per CPU-s), embed --workers 1 {args.rows / embed_s[-1]:.1f} rows/s ({args.rows / embed_cpu[-1]:.1f}"
+              f" rows per CPU-s); ratio {encode_s[-1] / embed_s[-1]:.3f} wall, {encode_cpu[-1] / embed_cpu[-1]:.3f} CPU")  # fmt: skip
+    ratio, cpu_ratio = sum(encode_s) / sum(embed_s), sum(encode_cpu) / sum(embed_cpu)
+    results.update(encode_rows_s=args.rows / min(encode_s), embed_rows_s=args.rows / min(embed_s), ratio=ratio)
+    results.update(encode_rows_cpu_s=args.rows / min(encode_cpu), embed_rows_cpu_s=args.rows / min(embed_cpu))
+    results["cpu_ratio"] = cpu_ratio
+    print(f"embed / encode throughput (all rounds): {ratio:.3f} wall, {cpu_ratio:.3f} CPU (target >= 0.95)")
+
+    options = {"model": folder, "encoder_options": {"max_length": args.max_length}, **common}
+    if "workers" not in args.skip:
+        one = timed_embed(corpus, root / "out-1x2", workers=1, threads=args.threads, **options)
+        two = timed_embed(corpus, root / "out-2x1", workers=2, threads=args.threads, **options)
+        results.update(one_worker_rows_s=args.rows / one, two_workers_rows_s=args.rows / two)
+        print(f"1 worker x {args.threads} threads: {args.rows / one:.1f} rows/s; 2 workers x {args.threads // 2} "
+              f"thread(s): {args.rows / two:.1f} rows/s (model loads included); ratio {one / two:.3f}")  # fmt: skip
+
+    if "ray" not in args.skip:
+        import ray
+
+        start = time.perf_counter()
+        ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
+        print(f"ray.init: {time.perf_counter() - start:.1f} s (not counted)")
+        local = timed_embed(corpus, root / "out-local-2", workers=1, threads=args.threads, **options)
+        on_ray = timed_embed(corpus, root / "out-ray", engine="ray", workers=1, threads=args.threads, **options)
+        local_again = timed_embed(corpus, root / "out-local-3", workers=1, threads=args.threads, **options)
+        local = (local + local_again) / 2
+        ray.shutdown()
+        results.update(local_rows_s=args.rows / local, ray_rows_s=args.rows / on_ray, ray_overhead=on_ray / local - 1)
+        print(f"local (fresh model load, mean of 2): {args.rows / local:.1f} rows/s; ray (1 actor x {args.threads} "
+              f"threads): {args.rows / on_ray:.1f} rows/s; overhead {100 * (on_ray / local - 1):+.1f}% (target <= 15%)")  # fmt: skip
+
+    if "rss" not in args.skip:
+        peaks = {}
+        for rows in (args.rows // 10, args.rows):
+            small = root / f"corpus-{rows}.jsonl"
+            write_corpus(small, rows)
+            run = subprocess.run(
+                [sys.executable, "-c", _RSS, str(small), str(root / f"out-rss-{rows}"), folder, str(args.threads),
+                 str(args.max_length), str(args.shard_size)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            peaks[rows] = int(run.stdout.split()[-1]) / 1024
+            print(f"peak RSS of embed, {rows} rows in a fresh process: {peaks[rows]:.0f} MB")
+        results["peak_rss_mb"] = peaks
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

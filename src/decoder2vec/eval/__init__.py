@@ -1,5 +1,5 @@
 """Evaluation of an Encoder on local files, one task type per module (``sts``, ``retrieval``,
-``classification``, ``clustering``, ``pairs``), a task registry (``tasks``), reports (``report``) and an
+``classification``, ``clustering``, ``pairs``, ``word``), a task registry (``tasks``), reports (``report``) and an
 adapter for MTEB's runner (``mteb``, imported only on request since it needs the mteb package).
 
 The names below load on first use, so ``decoder2vec`` commands that do not evaluate stay quick to start.
@@ -23,6 +23,10 @@ _EXPORTS = {
     "LabelledPairs": "pairs",
     "PairClassificationEvaluator": "pairs",
     "read_pairs_tsv": "pairs",
+    "ConllSentences": "word",
+    "WordEvaluator": "word",
+    "entity_scores": "word",
+    "read_conll": "word",
     "TASKS": "tasks",
     "TaskSpec": "tasks",
     "build_evaluator": "tasks",

@@ -135,6 +135,28 @@ def test_resume_after_sigkill_continues_where_it_stopped(tiny_llama_dir, text_fi
     assert not np.allclose([e["loss"] for e in fresh.log][:2], expected[resumed.start_step :][:2], atol=1e-4)
 
 
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tiny_llama_dir, text_file, tmp_path):
+    config = _mntp(tiny_llama_dir, text_file, tmp_path / "run", steps=2)
+    train(config)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
+    assert (checkpoint / "rng-0.json").is_file() and not list(checkpoint.glob("rng-*.pt"))  # no pickled RNG
+    marker = tmp_path / "code-ran"
+    torch.save({"state": {}, "param_groups": [], "payload": _RunsCode(marker)}, checkpoint / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"optimizer.pt holds objects other than tensors .* could run code"):
+        train(MNTPConfig(**{**config.__dict__, "resume": True, "steps": 3}))
+    assert not marker.exists()
+
+
 def test_cli_train_from_yaml_with_overrides(tiny_llama_dir, text_file, tmp_path, capsys):
     config = tmp_path / "simcse.yaml"
     config.write_text(f"model: {tiny_llama_dir}\ndata: [{text_file}]\nsteps: 5\nbatch_size: 4\nprogress: false\n")
@@ -143,7 +165,7 @@ def test_cli_train_from_yaml_with_overrides(tiny_llama_dir, text_file, tmp_path,
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["steps"] == 2 and printed["run_dir"] == str(out)
     saved = json.loads((out / "simcse_config.json").read_text())
-    assert saved["steps"] == 2 and saved["batch_size"] == 4 and saved["attention_dropout"] == 0.1
+    assert saved["steps"] == 2 and saved["batch_size"] == 4 and saved["attention_dropout"] == 0.3
     assert main(["train", "mntp", "--model", str(tiny_llama_dir), "--data", str(tmp_path / "nope.txt")]) == 1
     assert "data file" in capsys.readouterr().err
     config.write_text("steps: 2\nlearning_rat: 0.1\n")
@@ -151,7 +173,7 @@ def test_cli_train_from_yaml_with_overrides(tiny_llama_dir, text_file, tmp_path,
     assert "unknown option(s) for MNTPConfig: learning_rat" in capsys.readouterr().err
 
 
-def test_pipeline_command_runs_both_stages(tiny_llama_dir, tmp_path, capsys):
+def test_pipeline_command_runs_stages_for_each_seed(tiny_llama_dir, tmp_path, capsys):
     data = tmp_path / "data"
     (data / "text").mkdir(parents=True)
     (data / "sts").mkdir()
@@ -169,23 +191,28 @@ def test_pipeline_command_runs_both_stages(tiny_llama_dir, tmp_path, capsys):
         str(data),
         "--output-dir",
         str(tmp_path / "runs"),
-        "--mntp-steps",
-        "2",
-        "--mntp-batch-size",
-        "2",
-        "--simcse-steps",
-        "2",
-        "--simcse-batch-size",
-        "4",
-        "--causal-baseline",
-        "--no-progress",
     ]
+    args += ["--stages", "mntp,simcse", "--seeds", "0", "1", "--average-last", "2", "--checkpoint-every", "1"]
+    args += ["--mntp-steps", "2", "--mntp-batch-size", "2", "--mntp-max-seq-length", "16"]
+    args += ["--simcse-steps", "3", "--simcse-batch-size", "4", "--simcse-max-seq-length", "16"]
+    args += ["--causal-baseline", "true", "--score-each-stage", "true", "--progress", "false"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    for label in ("untrained causal", "untrained bidirectional", "after MNTP", "after MNTP + SimCSE"):
-        assert f"Spearman {label}" in out
+    for label in ("untrained, causal", "untrained, bidirectional", "seed 0: after mntp", "seed 1: trained"):
+        assert label in out
+    assert "| **mean** |" in out and "| spread (max - min) |" in out
     results = json.loads((tmp_path / "runs" / "pipeline_results.json").read_text())
-    assert results["recipe"]["simcse"]["adapter"] == [str(tmp_path / "runs" / "mntp")]
+    assert [run["seed"] for run in results["runs"]] == [0, 1]
+    assert results["recipe"] == "small-cpu" and results["stages"] == ["mntp", "simcse"]
+    scores = [run["scores"]["stsb"] for run in results["runs"]]
+    assert results["summary"]["stsb"]["mean"] == pytest.approx(sum(scores) / 2, abs=0.01)
+    first = results["runs"][0]
+    assert first["averaged_checkpoints"] == ["step-0000002", "step-0000003"]  # the last 2 of the SimCSE run
+    assert first["adapter"] == str(tmp_path / "runs" / "seed-0" / "final")
+    simcse_config = json.loads((tmp_path / "runs" / "seed-1" / "simcse" / "simcse_config.json").read_text())
+    assert simcse_config["seed"] == 1 and simcse_config["adapter"] == [str(tmp_path / "runs" / "seed-1" / "mntp")]
+    loaded = Encoder.from_pretrained(str(tiny_llama_dir), adapter=first["adapter"], device="cpu").encode(TEXTS)
+    assert np.isfinite(loaded).all()
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Training stages (MNTP, unsupervised SimCSE, supervised contrastive) with LoRA, in one resumable loop."""
 
+from .average import average_adapters
 from .config import STAGES, MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig
 from .data import ContrastiveRow, DataError, pack_documents, read_rows, read_texts
 from .mntp import MNTPCollator, MNTPLoss
@@ -21,6 +22,7 @@ __all__ = [
     "SupervisedConfig",
     "TrainConfig",
     "TrainResult",
+    "average_adapters",
     "gather_with_grad",
     "pack_documents",
     "read_rows",

@@ -1,8 +1,9 @@
 """One configuration dataclass per training stage; each feeds the Python API, the CLI and the saved JSON.
 
 :class:`TrainConfig` holds what every stage shares (model, LoRA, optimization, checkpoints); the stage
-classes add their own options. Defaults are the small-budget recipe measured on a 2-core CPU with
-SmolLM2-135M (``bench/results/pipeline_smollm2.txt``); on a GPU raise ``steps`` and ``batch_size``.
+classes add their own options. The stage defaults are the published LLM2Vec recipe (``recipes/llm2vec.yaml``,
+for GPUs); the small-budget CPU recipe that ``decoder2vec pipeline`` runs without a GPU is ``recipes/small-cpu.yaml``
+(``--recipe small-cpu``). A test checks that the defaults equal the ``llm2vec`` recipe file.
 """
 
 from __future__ import annotations
@@ -93,10 +94,11 @@ class MNTPConfig(TrainConfig):
     mask_probability: float = option(0.2, help="fraction of tokens masked (BERT-style 80/10/10 replacement)")
     mask_token: str = option("_", help="mask token when the tokenizer has none (the reference uses '_')")
     full_logits: bool = option(False, help="compute logits at every position (slower; for comparison only)")
-    learning_rate: float = option(5e-4, help="peak learning rate of AdamW")
-    steps: int = option(60, help="optimizer steps")
-    batch_size: int = option(16, help="sequences per process and step, before accumulation")
-    max_seq_length: int = option(64, help="tokens per packed training sequence")
+    learning_rate: float = option(5e-5, help="peak learning rate of AdamW")
+    warmup_steps: int = option(0, help="linear warm-up steps")
+    steps: int = option(1000, help="optimizer steps")
+    batch_size: int = option(32, help="sequences per process and step, before accumulation")
+    max_seq_length: int = option(512, help="tokens per packed training sequence")
     output_dir: str = option("runs/mntp", help="run folder: adapter, checkpoints, config, log, loss curve")
 
     stage = "mntp"
@@ -112,17 +114,18 @@ class SimCSEConfig(TrainConfig):
     """Unsupervised SimCSE: each sentence twice under independent dropout, InfoNCE over the batch."""
 
     temperature: float = option(0.05, help="softmax temperature of the InfoNCE loss")
-    # Measured on SmolLM2 after the same MNTP adapter (bench/results/pipeline_smollm2.txt): attention dropout
-    # 0.1 without hidden dropout beats the reference's heavier noise (STS-B test 29.44 vs 23.69 at lr 5e-4), and
-    # in a 30-step budget the learning rate matters most: STS-B dev 64.3 / 66.7 / 70.0 / 65.3 at lr 1e-3 / 2e-3 /
-    # 4e-3 / 8e-3 (8e-3 spikes). On a GPU with more steps, lower it (the reference uses 3e-5 over 1,000 steps).
-    attention_dropout: float = option(0.1, help="dropout on attention probabilities (the reference uses 0.3)")
+    pack_tokens: int = option(
+        128, help="embed both views in one pass of padding-free packs of up to N tokens (0: padded batch)"
+    )
+    # The published recipe. A 30-step CPU budget needs a rate ~100x higher (recipes/small-cpu.yaml, measured in
+    # bench/results/recipe_smallcpu.md): the InfoNCE loss collapses within ~10 steps there.
+    attention_dropout: float = option(0.3, help="dropout on attention probabilities")
     hidden_dropout: float = option(0.0, help="dropout on each decoder layer's residual update (Llama has none)")
-    lora_dropout: float = option(0.1, help="dropout on the LoRA input")
-    learning_rate: float = option(4e-3, help="peak learning rate of AdamW")
-    steps: int = option(30, help="optimizer steps")
-    batch_size: int = option(32, help="sentences per process and step (each is encoded twice)")
-    max_seq_length: int = option(32, help="tokens per sentence")
+    learning_rate: float = option(3e-5, help="peak learning rate of AdamW")
+    warmup_steps: int = option(0, help="linear warm-up steps")
+    steps: int = option(1000, help="optimizer steps")
+    batch_size: int = option(128, help="sentences per process and step (each is encoded twice)")
+    max_seq_length: int = option(128, help="tokens per sentence")
     output_dir: str = option("runs/simcse", help="run folder: adapter, checkpoints, config, log, loss curve")
 
     stage = "simcse"
@@ -132,6 +135,8 @@ class SimCSEConfig(TrainConfig):
         _check_dropout(self, "attention_dropout", "hidden_dropout")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, not {self.temperature}")
+        if not isinstance(self.pack_tokens, int) or self.pack_tokens < 0:
+            raise ValueError(f"pack_tokens must be an integer >= 0, not {self.pack_tokens!r}")
 
 
 @dataclass
@@ -145,11 +150,15 @@ class SupervisedConfig(TrainConfig):
     temperature: float = option(0.05, help="softmax temperature of the contrastive loss")
     gather_across_processes: bool = option(True, help="use every process's documents as negatives")
     grad_cache_chunk_size: int | None = option(
-        None, help="GradCache: embed in chunks of N texts (large batches, little memory)"
+        64, help="GradCache: embed in chunks of N texts (large batches, little memory); 0 or none: one pass"
     )
     attention_dropout: float = option(0.0, help="dropout on attention probabilities")
     hidden_dropout: float = option(0.0, help="dropout on each decoder layer's residual update")
-    max_seq_length: int = option(128, help="tokens per query or document")
+    learning_rate: float = option(2e-4, help="peak learning rate of AdamW")
+    warmup_steps: int = option(300, help="linear warm-up steps")
+    steps: int = option(1000, help="optimizer steps")
+    batch_size: int = option(512, help="(query, positive[, negative]) rows per process and step")
+    max_seq_length: int = option(512, help="tokens per query or document")
     output_dir: str = option("runs/supervised", help="run folder: adapter, checkpoints, config, log, loss curve")
 
     stage = "supervised"
@@ -157,8 +166,10 @@ class SupervisedConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         _check_dropout(self, "attention_dropout", "hidden_dropout")
+        if self.grad_cache_chunk_size == 0:
+            self.grad_cache_chunk_size = None
         if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size < 1:
-            raise ValueError(f"grad_cache_chunk_size must be >= 1, not {self.grad_cache_chunk_size}")
+            raise ValueError(f"grad_cache_chunk_size must be >= 1 (or 0: off), not {self.grad_cache_chunk_size}")
 
 
 def _check_dropout(config, *names: str) -> None:

@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 
 from decoder2vec import Encoder
+from decoder2vec.catalog import resolve_dataset
 from decoder2vec.embed import embed_corpus
-
-DATA = Path(os.environ.get("DECODER2VEC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 _RSS = """
 import resource, sys, torch
@@ -45,9 +44,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def write_corpus(path: Path, rows: int) -> list[str]:
-    lines = [
-        ln for ln in (DATA / "text" / "wiki_sentences.txt").read_text(encoding="utf-8").splitlines() if ln.strip()
-    ]
+    lines = [ln for ln in resolve_dataset("simcse").read_text(encoding="utf-8").splitlines() if ln.strip()]
     texts = [lines[i % len(lines)] for i in range(rows)]
     with open(path, "w", encoding="utf-8") as handle:
         for i, text in enumerate(texts):

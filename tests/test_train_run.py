@@ -269,6 +269,6 @@ def test_two_processes_with_torchrun(tiny_llama_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1  # one summary, from rank 0
     assert [e["step"] for e in _run_log(out)] == [1, 2]
-    assert {p.name for p in (out / "checkpoints" / "step-0000002").glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+    assert {p.name for p in (out / "checkpoints" / "step-0000002").glob("rng-*.json")} == {"rng-0.json", "rng-1.json"}
     vectors = Encoder.from_pretrained(str(tiny_llama_dir), adapter=str(out), device="cpu").encode(TEXTS)
     assert np.isfinite(vectors).all()

@@ -33,13 +33,14 @@ from decoder2vec import Encoder
 from decoder2vec.catalog import resolve_dataset
 from decoder2vec.embed import embed_corpus
 
+# VmHWM: this process's own peak RSS (ru_maxrss would also count the parent's, inherited at fork)
 _RSS = """
-import resource, sys, torch
+import re, sys, torch
 torch.set_num_threads(int(sys.argv[4]))
 from decoder2vec.embed import embed_corpus
 embed_corpus(sys.argv[1], sys.argv[2], model=sys.argv[3], text_field="text", id_field="id",
              encoder_options={"max_length": int(sys.argv[5])}, shard_size=int(sys.argv[6]), progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read()).group(1))
 """
 
 

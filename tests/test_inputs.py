@@ -104,3 +104,30 @@ def test_pad_batch_positions_count_real_tokens(tokenizer, side):
     short = batch["position_ids"][1][batch["attention_mask"][1] == 1]
     assert short.tolist() == list(range(len(features[1].input_ids)))
     assert batch["pool_mask"].sum().item() == sum(sum(f.pool_mask) for f in features)
+
+
+LONG_TEXTS = [
+    "word " * 5000,  # tokens of 5 characters: read from the first characters only
+    "a" * 9000,  # one run without spaces: merges can reach far, so the whole text is tokenized
+    "=" * 700 + " tail " * 2000,
+    "short text",
+    ("emoji 🙂 and 漢字 " * 800),
+]
+
+
+@pytest.mark.parametrize(
+    "prompt, max_length", [(None, 8), (None, 40), (None, 300), ("echo", 48), ("echo", 300), ("prompteol", 40)]
+)
+def test_long_texts_give_the_tokens_of_the_whole_text(tokenizer, monkeypatch, prompt, max_length):
+    import decoder2vec.inputs as inputs
+
+    options = dict(max_length=max_length, append_eos=True)
+    if prompt:
+        options["prompt"] = inputs.resolve_prompt(prompt)
+    pairs = [("Retrieve", text) for text in LONG_TEXTS] + [("", text) for text in LONG_TEXTS]
+    fast = tokenize(tokenizer, pairs, **options)
+    monkeypatch.setattr(inputs, "_MIN_CHARS", 10**9)  # no text is shortened before tokenizing
+    whole = tokenize(tokenizer, pairs, **options)
+    assert [f.input_ids for f in fast] == [f.input_ids for f in whole]
+    assert [f.pool_mask for f in fast] == [f.pool_mask for f in whole]
+    assert all(len(f.input_ids) <= max_length for f in fast)

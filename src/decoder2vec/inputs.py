@@ -137,20 +137,31 @@ def tokenize(
         return []
     prompt = prompt or TextPrompt()
     prefixes = [instruction_template.format(instruction=inst) if inst else "" for inst, _ in pairs]
-    rendered = [prompt.render(prefix, text) for prefix, (_, text) in zip(prefixes, pairs, strict=True)]
     eos = tokenizer.eos_token_id if append_eos else None
     budget = max_length - (1 if eos is not None else 0)
     if budget < 1:
         raise ValueError(f"max_length={max_length} leaves no room for text; use max_length >= 2")
+    # A long text is tokenized from its first `limit` characters only (a 1 MB row read for 512 tokens would
+    # otherwise cost its whole tokenization, in time and memory); a row is accepted from that shortened text
+    # only when what it keeps ends in the first half of it, far from the cut, else it is tokenized whole.
+    limit = max(_MIN_CHARS, _CHARS_PER_TOKEN * budget)
+    texts = [text if len(text) <= limit else text[:limit] for _, text in pairs]
+    rendered = [prompt.render(prefix, text) for prefix, text in zip(prefixes, texts, strict=True)]
     ends_with_text = prompt.copies == 1 and prompt.template.endswith("{text}")
     # With the text last, the tokenizer's own truncation (cut the end) is exact; otherwise rows that
     # are too long are shortened one by one in _fit.
     encoded = _encode(tokenizer, [full for full, _ in rendered], budget if ends_with_text else None)
     features = []
-    rows = zip(prefixes, pairs, rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True)
-    for prefix, (_, text), (_, span), ids, offsets in rows:
+    rows = zip(prefixes, pairs, texts, rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    for prefix, (_, text), short, (_, span), ids, offsets in rows:
         if len(ids) > budget:
-            ids, offsets, span = _fit(tokenizer, prefix, prompt, text, budget, max_length)
+            ids, offsets, span = _fit(tokenizer, prefix, prompt, short, budget, max_length)
+        if len(short) < len(text) and _kept_chars(offsets, span, ends_with_text) > limit // 2:
+            full, span = prompt.render(prefix, text)  # too close to the cut: the whole text, as without it
+            encoded_row = _encode(tokenizer, [full], budget if ends_with_text else None)
+            ids, offsets = encoded_row["input_ids"][0], encoded_row["offset_mapping"][0]
+            if len(ids) > budget:
+                ids, offsets, span = _fit(tokenizer, prefix, prompt, text, budget, max_length)
         mask = _pool_mask(offsets, span, prompt.pooled)
         ids = list(ids)
         if eos is not None:
@@ -160,6 +171,18 @@ def tokenize(
             ids, mask = [_filler_id(tokenizer)], [0]
         features.append(Features(input_ids=ids, pool_mask=mask))
     return features
+
+
+_MIN_CHARS = 1024  # texts up to this long are always tokenized whole
+_CHARS_PER_TOKEN = 32  # 8x the ~4 characters of an English BPE token
+
+
+def _kept_chars(offsets, span: tuple[int, int], ends_with_text: bool) -> int:
+    """How far into the text's last copy the kept input reaches, in characters."""
+    if not ends_with_text:
+        return span[1] - span[0]  # _fit cut the text itself: all of what is left is read
+    ends = [end for begin, end in offsets if end > begin and begin < span[1]]
+    return max(ends, default=span[0]) - span[0]
 
 
 def _encode(tokenizer, fulls: list[str], truncate_to: int | None):

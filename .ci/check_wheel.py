@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 # modules that import an extra's package at import time, and that extra
-NEEDS_EXTRA = {"decoder2vec.eval.mteb": "mteb"}
+NEEDS_EXTRA = {"decoder2vec.eval.mteb": "mteb", "decoder2vec.st_modules": "onnx"}
 TEXTS = ["A man is playing a guitar.", "Someone plays music.", "The cat sleeps."]
 
 
@@ -97,6 +97,26 @@ def extra(name: str, work: Path) -> None:
         path = catalog.resolve_dataset("stsb", "test")
         assert path.read_text() == "sentence1\tsentence2\tscore\na\tb\t2.5\n", path.read_text()
         importlib.import_module("pyarrow.parquet")
+    elif name == "onnx":
+        import os
+
+        import numpy as np
+        from sentence_transformers import SentenceTransformer
+
+        from decoder2vec.export import export_model
+
+        os.environ["DECODER2VEC_CACHE"] = str(work / "cache-onnx")  # the int8 graph below is exported there
+        folder = export_model(encoder, work / "onnx-export", "onnx")
+        ours = encoder.encode(TEXTS)
+        for loaded in (
+            Encoder.from_pretrained(str(folder)).encode(TEXTS),
+            SentenceTransformer(str(folder), backend="onnx", trust_remote_code=True, device="cpu").encode(TEXTS),
+        ):
+            difference = float(np.abs(loaded - ours).max())
+            assert difference < 1e-4, difference
+        int8 = Encoder.from_pretrained(str(work / "tiny"), quantize="int8").encode(TEXTS, normalize=True)
+        cosine = np.sum(int8 * encoder.encode(TEXTS, normalize=True), axis=1).min()
+        assert cosine >= 0.99, cosine
     elif name == "mteb":
         from decoder2vec.eval.mteb import MTEBEncoder
 

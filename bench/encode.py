@@ -1,27 +1,39 @@
-"""Encoding throughput on SmolLM2: decoder2vec against sentence-transformers, same model folder, same run.
+"""Encoding throughput on the CPU: decoder2vec fp32, int8 and ONNX against sentence-transformers, in one run.
 
-Embeds the unique STS-B test sentences (fp32, batch 32) and prints sentences/s, tokens/s, peak RSS
-and model-FLOPs utilization against the fp32 matrix-multiply peak measured at the start of the run,
-then the same for sentence-transformers (Transformer + mean Pooling, plain text, no chat template)
-and the ratio of the two throughputs.
+Embeds the STS-B test pairs (batch 32, mean pooling) once per row and prints, per row: sentences/s, tokens/s,
+the throughput ratio to decoder2vec fp32, model-FLOPs utilization against the fp32 matrix-multiply peak
+measured at the start, STS-B test Spearman (x100), the resident memory the loaded model added, and the peak RSS.
+Every row runs in a fresh process of its own, one after the other, so each peak RSS is that row's alone.
 
-    python bench/encode.py [--threads 2] [--limit N]
+Rows: ``fp32`` (decoder2vec, PyTorch), ``sentence-transformers`` (the same folder read by sentence-transformers'
+stock Transformer + mean Pooling: causal, plain text), ``int8-torch`` (PyTorch dynamic int8),
+``onnx-fp32`` and ``onnx-int8`` (onnxruntime; exported once into the cache before the timed rows).
+With ``--adapter``, every decoder2vec row is run again with the trained adapters merged (``trained-*``).
+Targets (issue 13): int8 >= 1.8x fp32 with STS-B within 1 point; ONNX fp32 >= 1.0x fp32.
+
+    python bench/encode.py [--model smollm2-135m] [--threads 2] [--adapter DIR ...] [--limit N] [--output FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
 import time
 
 import numpy as np
 import torch
 
-from decoder2vec import Encoder
-from decoder2vec.catalog import resolve_dataset
-from decoder2vec.eval.sts import read_sts_tsv
-from decoder2vec.sources import resolve_source
+ROWS = {  # row -> Encoder.from_pretrained options (None: sentence-transformers)
+    "fp32": {"backend": "torch"},
+    "sentence-transformers": None,
+    "int8-torch": {"quantize": "int8", "backend": "torch"},
+    "onnx-fp32": {"backend": "onnx"},
+    "onnx-int8": {"quantize": "int8", "backend": "onnx"},
+}
 
 
 def matmul_peak_gflops(size: int = 2048, seconds: float = 3.0) -> float:
@@ -48,48 +60,88 @@ def forward_flops(config, lengths: list[int]) -> float:
     return float(linear + attention)
 
 
-def peak_rss_mb() -> float:
+def memory_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MB; ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
+def timed(fn, repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        result = fn()
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="STS TSV (default: STS-B test from decoder2vec.catalog: $DECODER2VEC_DATA, else the hub)",
-    )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N sentences (quick runs)")
-    parser.add_argument("--repeats", type=int, default=1, help="time each side this many times, keep the best")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def load_pairs(args):
+    from decoder2vec.catalog import resolve_dataset
+    from decoder2vec.eval.sts import read_sts_tsv
 
     pairs = read_sts_tsv(args.data or resolve_dataset("stsb", "test"))
-    sentences = pairs.sentences1 + pairs.sentences2
-    sentences = sentences[: args.limit] if args.limit else sentences
-    peak = matmul_peak_gflops()
-    print(f"fp32 matmul peak ({args.threads} threads): {peak:.1f} GFLOP/s")
+    n = args.limit or len(pairs.scores)
+    return pairs.sentences1[:n], pairs.sentences2[:n], pairs.scores[:n]
 
+
+def spearman(vectors: np.ndarray, n: int, scores) -> float:
+    from scipy.stats import spearmanr
+
+    a, b = vectors[:n], vectors[n:]
+    cosine = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return float(100 * spearmanr(cosine, scores).statistic)
+
+
+# ---------------------------------------------------------------------- one row, in its own process
+def run_row(args) -> dict:
+    from decoder2vec import Encoder
+    from decoder2vec.sources import resolve_source
+
+    torch.set_num_threads(args.threads)
+    first, second, scores = load_pairs(args)
+    sentences = first + second
     folder = resolve_source(args.model)
-    ours = Encoder.from_pretrained(folder, pooling="mean", dtype="float32", device="cpu")
-    lengths = [len(f.input_ids) for f in ours.tokenize(sentences)]
-    flops = forward_flops(ours.model.config, lengths)
-    ours.encode(sentences[:64], batch_size=args.batch_size)  # warm-up
-    our_seconds = timed(lambda: ours.encode(sentences, batch_size=args.batch_size), args.repeats)
-    our_rss = peak_rss_mb()
+    before_rss = memory_mb("VmRSS")  # torch, transformers and decoder2vec imported; no model yet
+    trained = args.row.startswith("trained-")
+    options = ROWS[args.row.removeprefix("trained-")]
+    adapter = args.adapter if trained else None
+    if options is None:
+        encode, lengths, config = _sentence_transformers(folder, sentences, args)
+    else:
+        encoder = Encoder.from_pretrained(folder, adapter=adapter, pooling="mean", device="cpu", **options)
+        if args.prepare:  # the ONNX export into the cache happens here, outside the timed rows
+            return {"row": args.row, "prepared": True}
+        lengths = [len(f.input_ids) for f in encoder.tokenize(sentences)]
+        config = encoder.model.config
 
+        def encode():
+            return encoder.encode(sentences, batch_size=args.batch_size)
+
+    loaded_rss = memory_mb("VmRSS")
+    if options is not None:
+        encoder.encode(sentences[:64], batch_size=args.batch_size)  # warm-up (sentence-transformers: above)
+    seconds, vectors = timed(encode, args.repeats)
+    flops = forward_flops(config, lengths)
+    return {
+        "row": args.row,
+        "seconds": round(seconds, 2),
+        "sentences_per_s": round(len(sentences) / seconds, 1),
+        "tokens_per_s": round(sum(lengths) / seconds, 1),
+        "gflops": round(flops / seconds / 1e9, 1),
+        "stsb_spearman": round(spearman(np.asarray(vectors), len(first), scores), 2),
+        "rss_after_load_mb": round(loaded_rss),
+        "loaded_mb": round(loaded_rss - before_rss),  # the model (and its runtime's imports) in memory
+        "peak_rss_mb": round(memory_mb("VmHWM")),
+    }
+
+
+def _sentence_transformers(folder: str, sentences: list[str], args):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
@@ -99,48 +151,86 @@ def main() -> None:
         modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
         module_output_name="token_embeddings",
     )
-    theirs = SentenceTransformer(modules=[module, Pooling(module.get_embedding_dimension(), "mean")], device="cpu")
-    tokenize = getattr(theirs, "preprocess", None) or theirs.tokenize
-    their_lengths = [len(tokenize([s])["input_ids"][0]) for s in sentences[:200]]
-    assert their_lengths == lengths[:200], "sentence-transformers tokenizes differently (chat template?)"
-    theirs.encode(sentences[:64], batch_size=args.batch_size)  # warm-up
-    their_seconds = timed(lambda: theirs.encode(sentences, batch_size=args.batch_size), args.repeats)
+    model = SentenceTransformer(modules=[module, Pooling(module.get_embedding_dimension(), "mean")], device="cpu")
+    tokenize = getattr(model, "preprocess", None) or model.tokenize
+    lengths = [len(tokenize([s])["input_ids"][0]) for s in sentences]
+    model.encode(sentences[:64], batch_size=args.batch_size)  # warm-up
 
-    # sanity: both sides compute the same causal mean embeddings
-    ours.config.bidirectional = False
-    from decoder2vec.attention import set_bidirectional
+    def encode():
+        return model.encode(sentences, batch_size=args.batch_size)
 
-    set_bidirectional(ours.model, False)
-    check = np.abs(ours.encode(sentences[:20]) - theirs.encode(sentences[:20])).max()
+    return encode, lengths, module.model.config
 
-    rows = {
-        "sentences": len(sentences),
-        "tokens": sum(lengths),
-        "matmul_peak_gflops": round(peak, 1),
-        "decoder2vec": {
-            "seconds": round(our_seconds, 2),
-            "sentences_per_s": round(len(sentences) / our_seconds, 1),
-            "tokens_per_s": round(sum(lengths) / our_seconds, 1),
-            "gflops": round(flops / our_seconds / 1e9, 1),
-            "mfu_percent": round(100 * flops / our_seconds / 1e9 / peak, 1),
-            "peak_rss_mb": round(our_rss, 0),
-        },
-        "sentence_transformers": {
-            "seconds": round(their_seconds, 2),
-            "sentences_per_s": round(len(sentences) / their_seconds, 1),
-            "mfu_percent": round(100 * flops / their_seconds / 1e9 / peak, 1),
-        },
-        "throughput_ratio_ours_over_theirs": round(their_seconds / our_seconds, 3),
-        "max_abs_diff_causal_mean_vs_st": float(check),
-    }
-    d, s = rows["decoder2vec"], rows["sentence_transformers"]
-    print(
-        f"decoder2vec:           {d['sentences_per_s']} sentences/s, {d['tokens_per_s']} tokens/s, "
-        f"{d['gflops']} GFLOP/s = {d['mfu_percent']}% of peak, peak RSS {d['peak_rss_mb']:.0f} MB"
+
+# ---------------------------------------------------------------------- the run: every row, one by one
+def child(args, row: str, prepare: bool = False) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model]
+    command += ["--threads", str(args.threads), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
+    command += ["--data", args.data] if args.data else []
+    command += ["--limit", str(args.limit)] if args.limit else []
+    command += ["--adapter", *args.adapter] if args.adapter else []
+    command += ["--prepare"] if prepare else []
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"row {row} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="short name, folder or hub id")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="STS TSV (default: STS-B test from decoder2vec.catalog: $DECODER2VEC_DATA, else the hub)",
     )
-    print(f"sentence-transformers: {s['sentences_per_s']} sentences/s = {s['mfu_percent']}% of peak")
-    print(f"ratio ours/theirs: {rows['throughput_ratio_ours_over_theirs']}  (target >= 1.0; MFU target >= 55%)")
-    print(json.dumps(rows))
+    parser.add_argument("--adapter", nargs="+", default=None, help="trained adapters: adds the trained-* rows")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run (default: {' '.join(ROWS)})")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N pairs (quick runs)")
+    parser.add_argument("--repeats", type=int, default=1, help="time each row this many times, keep the best")
+    parser.add_argument("--output", default=None, help="also write the report to this file")
+    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # run one row (a child process)
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.row:
+        print(json.dumps(run_row(args)))
+        return
+
+    rows = list(args.rows) + ([f"trained-{r}" for r in args.rows if ROWS[r] is not None] if args.adapter else [])
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak_gflops()
+    lines = [
+        f"# python bench/encode.py {' '.join(sys.argv[1:])}",
+        f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.2f} at start",
+        f"fp32 matmul peak ({args.threads} threads): {peak:.1f} GFLOP/s",
+    ]
+    for row in rows:  # exports into the cache, so that no timed row pays for one
+        if row.removeprefix("trained-").startswith("onnx"):
+            child(args, row, prepare=True)
+    results = [child(args, row) for row in rows]
+    header = f"{'row':<28}{'sent/s':>9}{'ratio':>8}{'MFU %':>8}{'STS-B':>8}{'dSTS':>7}{'load MB':>9}{'peak RSS':>10}"
+    lines += [header, "-" * len(header)]
+    for r in results:
+        reference = next(
+            (x for x in results if x["row"] == ("trained-fp32" if "trained" in r["row"] else "fp32")), None
+        )
+        r["ratio_to_fp32"] = round(r["sentences_per_s"] / reference["sentences_per_s"], 3) if reference else None
+        r["stsb_minus_fp32"] = round(r["stsb_spearman"] - reference["stsb_spearman"], 2) if reference else None
+        r["mfu_percent"] = round(100 * r["gflops"] / peak, 1)
+        lines.append(
+            f"{r['row']:<28}{r['sentences_per_s']:>9}{r['ratio_to_fp32'] or '':>8}{r['mfu_percent']:>8}"
+            f"{r['stsb_spearman']:>8}{r['stsb_minus_fp32'] if r['stsb_minus_fp32'] is not None else '':>7}"
+            f"{r['loaded_mb']:>9}{r['peak_rss_mb']:>10}"
+        )
+    lines.append("targets: int8 ratio >= 1.8 with |dSTS| <= 1; onnx-fp32 ratio >= 1.0 (sentence-transformers: causal)")
+    lines.append(json.dumps({"matmul_peak_gflops": round(peak, 1), "rows": results}))
+    report = "\n".join(lines)
+    print(report)
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write(report + "\n")
 
 
 if __name__ == "__main__":

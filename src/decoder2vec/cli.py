@@ -37,6 +37,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     parser.add_argument("--causal", action="store_true", help="keep the causal mask (same as --bidirectional false)")
+    parser.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="int8: dynamic int8 linear layers on the CPU (export: an int8 ONNX graph); see docs/inference.md",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default=None,
+        help="torch | onnx (onnxruntime); default: onnx for an ONNX export or with --quantize, else torch",
+    )
     add_arguments(parser, EncoderConfig)
 
 
@@ -46,7 +58,15 @@ def load_encoder(args: argparse.Namespace):
     overrides = {f: getattr(args, f) for f in EncoderConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
     if args.causal:
         overrides["bidirectional"] = False
-    return Encoder.from_pretrained(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device, **overrides)
+    return Encoder.from_pretrained(
+        args.model,
+        adapter=args.adapter,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=getattr(args, "quantize", None),
+        backend=getattr(args, "backend", None),
+        **overrides,
+    )
 
 
 def read_lines(path: str) -> list[str]:

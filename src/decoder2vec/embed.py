@@ -941,6 +941,7 @@ def _embed_command(args) -> None:
     options = {f: getattr(args, f) for f in EncoderConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
     if args.causal:
         options["bidirectional"] = False
+    options.update({k: getattr(args, k) for k in ("quantize", "backend") if getattr(args, k, None)})  # load options
     manifest = embed_corpus(
         args.input,
         args.output,

@@ -1,4 +1,4 @@
-"""Export an Encoder as a sentence-transformers folder or as a merged Hugging Face folder, with a model card.
+"""Export an Encoder as a sentence-transformers, merged Hugging Face or ONNX folder, with a model card.
 
 * ``merged``: every LoRA adapter merged into the weights, saved as a plain safetensors Hugging Face
   folder with ``decoder2vec_config.json`` (pooling, bidirectional, max length, default instructions),
@@ -7,6 +7,15 @@
   ``config.json``) as the ``Transformer`` module, then a pooling module; ``SentenceTransformer(folder)``
   gives the same vectors as ``Encoder.encode`` (plain text: the chat template is removed, padding is
   on the right, the EOS id is appended by the tokenizer when the encoder appends one).
+* ``onnx``: the merged decoder as ``onnx/model.onnx`` (see :mod:`decoder2vec.onnx_export`; ``quantize="int8"``
+  for onnxruntime's dynamic int8), with the same tokenizer and pooling modules as the sentence-transformers
+  folder behind :class:`decoder2vec.st_modules.OnnxTransformer`. It loads with
+  ``SentenceTransformer(folder, backend="onnx")``, ``Encoder.from_pretrained(folder)`` (onnxruntime) and plain
+  onnxruntime (see docs/inference.md).
+
+An empty text: the merged and ONNX folders, read by ``Encoder`` or (ONNX) by sentence-transformers, embed ``""``
+as decoder2vec does (one filler token when the tokenizer adds none). Stock sentence-transformers modules
+cannot give a text of zero tokens a token; the model card of a sentence-transformers folder says what it does.
 
 Every export writes ``README.md`` (base model, training stages and their configs when known, the
 evaluation table when given, usage) and is built in a temporary folder next to the output, renamed
@@ -36,7 +45,7 @@ __all__ = ["EXPORT_FORMATS", "ExportError", "export_model", "register"]
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("sentence-transformers", "merged")
+EXPORT_FORMATS = ("sentence-transformers", "merged", "onnx")
 STAGE_NAMES = ("mntp", "simcse", "supervised")
 
 # decoder2vec pooling -> sentence-transformers Pooling mode
@@ -59,14 +68,23 @@ def export_model(
     *,
     evaluation: dict | None = None,
     overwrite: bool = False,
+    quantize: str | None = None,
 ) -> Path:
-    """Write ``encoder`` to ``output`` in ``format`` (sentence-transformers | merged); returns the folder.
+    """Write ``encoder`` to ``output`` in ``format`` (sentence-transformers | merged | onnx); returns the folder.
 
     ``evaluation`` is an evaluation report (``decoder2vec eval -o report.json``) or a plain
-    ``{task: score}`` mapping for the model card's table.
+    ``{task: score}`` mapping for the model card's table. ``quantize="int8"`` (onnx only) writes a dynamic
+    int8 graph.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    if quantize is not None and format != "onnx":
+        raise ExportError(f"quantize={quantize!r} is for --format onnx; the {format} format is saved in float")
+    if getattr(encoder, "quantize", None) or getattr(encoder, "backend", "torch") != "torch":
+        raise ExportError(
+            "this encoder is quantized or runs an ONNX graph; export the float model loaded with the torch backend "
+            "(--quantize int8 on export quantizes the ONNX graph it writes)"
+        )
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; choose another folder or pass overwrite=True (--overwrite)")
@@ -74,7 +92,7 @@ def export_model(
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        notes = _WRITERS[format](encoder, tmp)
+        notes = write_onnx_folder(encoder, tmp, quantize) if format == "onnx" else _WRITERS[format](encoder, tmp)
         write_model_card(tmp, encoder, format, evaluation=evaluation, notes=notes, title=output.name)
         _replace_folder(tmp, output)
     except BaseException:
@@ -115,19 +133,48 @@ def write_merged(encoder, folder: Path) -> list[str]:
 # ---------------------------------------------------------------------- sentence-transformers
 def write_sentence_transformers(encoder, folder: Path) -> list[str]:
     """Write the sentence-transformers layout; returns the notes on what it cannot express."""
-    config = encoder.config
-    if not config.text_prompt.is_plain:  # its prompts are prefixes, pooled over everything after them
-        raise ExportError(
-            f"the sentence-transformers format cannot express prompt={config.prompt!r} with pooled_tokens="
-            f"{config.text_prompt.pooled!r} (a template around the text, pooling part of it); "
-            "export with --format merged, which Encoder.from_pretrained reads with the prompt"
-        )
+    _check_plain_prompt(encoder, "sentence-transformers")
     backbone = merged_model(encoder).base_model  # the decoder without its LM head
     architectures = backbone.config.architectures
     try:
         backbone.save_pretrained(folder)
     finally:
         backbone.config.architectures = architectures  # save_pretrained renames them on the shared config
+    first = "sentence_transformers.base.modules.transformer.Transformer"  # stock: loads without decoder2vec
+    settings = {
+        "transformer_task": "feature-extraction",
+        # plain text, never the chat template (sentence-transformers uses it when it finds one)
+        "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+        "module_output_name": "token_embeddings",
+        "processing_kwargs": {"text": {"max_length": encoder.config.max_length}},
+    }
+    return _write_st_layout(encoder, folder, first, settings)
+
+
+def write_onnx_folder(encoder, folder: Path, quantize: str | None = None) -> list[str]:
+    """The ONNX graph (:mod:`decoder2vec.onnx_export`) behind the sentence-transformers layout."""
+    from .onnx_export import write_onnx
+    from .onnx_runtime import ONNX_FILE
+
+    _check_plain_prompt(encoder, "onnx")
+    write_onnx(encoder, folder, quantize)
+    settings = {"max_seq_length": encoder.config.max_length, "onnx_file": ONNX_FILE}
+    return _write_st_layout(encoder, folder, "decoder2vec.st_modules.OnnxTransformer", settings)
+
+
+def _check_plain_prompt(encoder, format: str) -> None:  # noqa: A002
+    config = encoder.config
+    if not config.text_prompt.is_plain:  # sentence-transformers' prompts are prefixes, pooled over all after them
+        raise ExportError(
+            f"the {format} format cannot express prompt={config.prompt!r} with pooled_tokens="
+            f"{config.text_prompt.pooled!r} (a template around the text, pooling part of it); "
+            "export with --format merged, which Encoder.from_pretrained reads with the prompt"
+        )
+
+
+def _write_st_layout(encoder, folder: Path, first_module: str, first_settings: dict) -> list[str]:
+    """Tokenizer, modules.json (``first_module`` then pooling), settings and prompts; returns the notes."""
+    config = encoder.config
     _write_plain_tokenizer(encoder, folder)
     _check_tokenizer(encoder, folder)
     notes = [
@@ -135,13 +182,16 @@ def write_sentence_transformers(encoder, folder: Path) -> list[str]:
         "tokens on the prompt alone and prepends it as plain text, while decoder2vec writes "
         f"`{config.instruction_template}` and leaves exactly the instruction's tokens out of pooling (by character "
         "offsets). Without an instruction the vectors are the same; with one they can differ slightly.",
-        "An empty text: decoder2vec encodes the tokenizer's special tokens (or one filler token) and pools them; "
-        "sentence-transformers may return a zero vector.",
+        _empty_text_note(encoder, first_module),
     ]
-
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"}
-    ]
+    if first_module.startswith("decoder2vec."):
+        notes.append(
+            f"The first module is `{first_module}` (sentence-transformers' own ONNX backend needs Optimum, whose "
+            "ONNX support requires transformers < 4.58): loading this folder with sentence-transformers needs "
+            "`pip install decoder2vec[onnx]` and `trust_remote_code=True`, as sentence-transformers 6 asks for any "
+            "module class of another package."
+        )
+    modules = [{"idx": 0, "name": "0", "path": "", "type": first_module}]
     for module, note in _st_pooling_modules(encoder):
         index = len(modules)
         path = f"{index}_{type(module).__name__}"
@@ -151,16 +201,7 @@ def write_sentence_transformers(encoder, folder: Path) -> list[str]:
         if note:
             notes.append(note)
     _write_json(folder / "modules.json", modules)
-    _write_json(
-        folder / "sentence_bert_config.json",
-        {
-            "transformer_task": "feature-extraction",
-            # plain text, never the chat template (sentence-transformers uses it when it finds one)
-            "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
-            "module_output_name": "token_embeddings",
-            "processing_kwargs": {"text": {"max_length": config.max_length}},
-        },
-    )
+    _write_json(folder / "sentence_bert_config.json", first_settings)
     prompts = {
         name: config.instruction_template.format(instruction=instruction) if instruction else ""
         for name, instruction in (("query", config.query_instruction), ("document", config.document_instruction))
@@ -177,6 +218,31 @@ def write_sentence_transformers(encoder, folder: Path) -> list[str]:
     )
     encoder.config.save(folder)  # lets Encoder.from_pretrained(folder) read it back too
     return notes
+
+
+def _empty_text_note(encoder, first_module: str) -> str:
+    """How an empty text is embedded in this layout, against decoder2vec's own vector."""
+    if not _special_ids_around_text(encoder):  # "" has no token at all with this tokenizer
+        filler = encoder.tokenizer.convert_ids_to_tokens(encoder.tokenize([""])[0].input_ids)[0]
+        if first_module.startswith("decoder2vec."):
+            return (
+                f"An empty text has no tokens with this tokenizer; `{first_module}` gives it one filler token "
+                f"(`{filler}`), as decoder2vec does: the same vector."
+            )
+        return (
+            "An empty text has no tokens with this tokenizer. decoder2vec reads one filler token "
+            f"(`{filler}`) instead; stock sentence-transformers cannot (a module of its own would need "
+            "trust_remote_code=True): a batch of only empty texts fails inside the model's attention ('cannot "
+            "reshape tensor of 0 elements') and, batched with other texts, an empty text gets a zero vector. "
+            "Drop empty texts first, or use Encoder.from_pretrained on this folder or the ONNX export."
+        )
+    if encoder.config.pooling in ("last_token", "bos"):
+        return "An empty text reads the special tokens the tokenizer adds and pools them as decoder2vec does."
+    return (
+        "An empty text: decoder2vec pools the special tokens the tokenizer adds (its only tokens); here they have "
+        "weight 0 (WordWeights), so sentence-transformers returns a zero vector for it. Encoder.from_pretrained "
+        "on this folder gives decoder2vec's vector."
+    )
 
 
 def _st_pooling_modules(encoder) -> list[tuple[object, str]]:
@@ -329,7 +395,7 @@ def write_model_card(folder: Path, encoder, format: str, *, evaluation=None, not
     config = encoder.config
     base = _base_model_name(encoder)
     stages = training_stages(encoder)
-    library = "sentence-transformers" if format == "sentence-transformers" else "transformers"
+    library = "transformers" if format == "merged" else "sentence-transformers"
     lines = [
         "---",
         f"library_name: {library}",
@@ -366,12 +432,39 @@ def write_model_card(folder: Path, encoder, format: str, *, evaluation=None, not
             lines += ["```", ""]
     else:
         lines += ["No training stages recorded (an untrained model, or adapters without their stage config).", ""]
+    lines += _precision_lines(folder)
     lines += ["## Evaluation", ""]
     lines += _evaluation_lines(evaluation) or ["Not evaluated at export time."]
     lines += ["", "## Usage", "", *_usage_lines(format, config)]
     if notes:
         lines += ["", "## What this format cannot express", ""] + [f"- {note}" for note in notes]
     (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _precision_lines(folder: Path) -> list[str]:
+    """What the ONNX graph computes in, and how far its vectors were measured from the Encoder's."""
+    from .onnx_export import FLOAT32_TOLERANCE, INT8_MIN_COSINE, PRECISION_FILE
+
+    path = Path(folder) / PRECISION_FILE
+    if not path.is_file():
+        return []
+    measured = json.loads(path.read_text())
+    lines = ["## Precision", ""]
+    if measured["precision"] == "float32":
+        lines.append(
+            f"float32 ONNX graph (opset {measured['opset']}). On {measured['checked_texts']} probe texts its vectors "
+            f"differ from the PyTorch Encoder's by at most {measured['max_abs_difference']:.1e} (absolute; "
+            f"export fails above {FLOAT32_TOLERANCE:.0e})."
+        )
+    else:
+        lines.append(
+            f"{measured['precision']} ONNX graph (opset {measured['opset']}): {measured['quantization']}. On "
+            f"{measured['checked_texts']} probe texts each vector's cosine similarity to the float32 PyTorch "
+            f"Encoder's is at least {measured['min_cosine']:.4f} (export fails below {INT8_MIN_COSINE}); the "
+            f"largest absolute difference is {measured['max_abs_difference']:.1e}. Activations are quantized per "
+            "batch, so a text's vector depends slightly on the texts batched with it."
+        )
+    return [*lines, ""]
 
 
 def _code(value) -> str:
@@ -442,6 +535,22 @@ def _usage_lines(format: str, config) -> list[str]:  # noqa: A002
         f"decoder2vec serve --model {name} --port 8080",
         "```",
     ]
+    if format == "onnx":
+        lines += [
+            "",
+            "With sentence-transformers (the first module is decoder2vec's: `pip install decoder2vec[onnx]`):",
+            "",
+            "```python",
+            "from sentence_transformers import SentenceTransformer",
+            "",
+            f'model = SentenceTransformer("{name}", backend="onnx", trust_remote_code=True)',
+            'vectors = model.encode(["A man is playing a guitar."])',
+            "```",
+            "",
+            "With plain onnxruntime: run `onnx/model.onnx` on `input_ids` and `attention_mask` (int64, padding on "
+            "the right) and pool `last_hidden_state` as the Pooling module in this folder says (docs/inference.md "
+            "in decoder2vec has a complete example).",
+        ]
     if format == "sentence-transformers":
         lines += [
             "",
@@ -487,18 +596,25 @@ def _export_command(args) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"evaluation report {str(path)!r} not found")
         evaluation = json.loads(path.read_text())
+    quantize, args.quantize = args.quantize, None  # quantizes the graph written, not the model loaded
     encoder = load_encoder(args)
     try:
-        folder = export_model(encoder, args.output, args.format, evaluation=evaluation, overwrite=args.overwrite)
+        folder = export_model(
+            encoder, args.output, args.format, evaluation=evaluation, overwrite=args.overwrite, quantize=quantize
+        )
     except (ExportError, FileExistsError, ModelSourceError) as error:
         raise ValueError(str(error)) from error
-    print(json.dumps({"format": args.format, "output": str(folder), "config": asdict(encoder.config)}))
+    print(
+        json.dumps(
+            {"format": args.format, "quantize": quantize, "output": str(folder), "config": asdict(encoder.config)}
+        )
+    )
 
 
 def register(subparsers) -> None:
     from .cli import add_model_arguments
 
-    parser = subparsers.add_parser("export", help="write a sentence-transformers or merged model folder")
+    parser = subparsers.add_parser("export", help="write a sentence-transformers, merged or ONNX model folder")
     parser.add_argument("output", help="the folder to create")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="sentence-transformers")
     parser.add_argument("--eval-report", default=None, help="evaluation report JSON for the model card's table")

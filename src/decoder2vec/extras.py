@@ -22,6 +22,9 @@ EXTRA_OF_MODULE = {
     "mteb": "mteb",
     "ray": "ray",
     "faiss": "faiss",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
 }
 
 

@@ -107,6 +107,8 @@ class Encoder(torch.nn.Module):
         self.config = config
         self.source = source
         self._replica_cache: tuple[tuple[str, ...], list[Encoder]] | None = None  # (devices, encoders)
+        self.backend = getattr(model, "backend", "torch")  # onnx: an OnnxModel runs the graph with onnxruntime
+        self.quantize: str | None = None  # int8 after from_pretrained(quantize="int8")
         set_bidirectional(self.model, config.bidirectional)
 
     # ------------------------------------------------------------------ loading
@@ -121,6 +123,8 @@ class Encoder(torch.nn.Module):
         max_length: int | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
+        quantize: str | None = None,
+        backend: str | None = None,
         **config_overrides,
     ) -> Encoder:
         """Load an encoder from a model folder, a hub id, a ``.gguf`` file or a short name.
@@ -128,6 +132,12 @@ class Encoder(torch.nn.Module):
         Settings not given here come from the folder's ``decoder2vec_config.json`` when it has one,
         else from :class:`EncoderConfig`'s defaults. ``adapter`` is a PEFT LoRA folder, or a list of
         them: all but the last are merged into the base weights, the last stays a live adapter.
+
+        ``quantize="int8"``: dynamic int8 linear layers on the CPU, adapters merged first. ``backend`` is
+        ``torch`` or ``onnx`` (onnxruntime). A folder written by ``export --format onnx`` runs with onnxruntime;
+        any other source with ``backend="onnx"`` or ``quantize="int8"`` is exported to ONNX once into the cache
+        (``decoder2vec.onnx_export.cached_onnx_folder``): int8 defaults to onnxruntime, the faster of the two
+        measured (``bench/encode.py``); ``backend="torch"`` gives PyTorch's dynamic int8 instead.
         """
         resolved = resolve_source(source)
         saved = EncoderConfig.load(resolved) if Path(resolved).is_dir() else None
@@ -139,20 +149,66 @@ class Encoder(torch.nn.Module):
         given = {"pooling": pooling, "bidirectional": bidirectional, "max_length": max_length, **config_overrides}
         settings.update({k: v for k, v in given.items() if v is not None})
         config = EncoderConfig(**settings)
+        adapters = _adapter_list(adapter)
+        backend = _choose_backend(backend, resolved, quantize)
+        if backend == "onnx":
+            return cls._from_onnx(source, resolved, adapters, config, quantize)
 
         device = torch.device(device) if device is not None else _default_device()
         torch_dtype = _resolve_dtype(dtype, device)
+        if quantize is not None and (device.type != "cpu" or torch_dtype != torch.float32):
+            raise ValueError(f"quantize={quantize!r} runs on the CPU in float32; not on {device} in {torch_dtype}")
         model, tokenizer = _load_model(resolved, source, torch_dtype, config.attn_implementation)
-        adapters = _adapter_list(adapter)
         for path in adapters:
             model = _attach_adapter(model, path)
         encoder = cls(model.to(device), tokenizer, config, source=os.fspath(source))
         encoder.adapters = adapters  # the folders loaded, in order (a model card lists their training stages)
-        encoder.verify_attention()
+        encoder.verify_attention()  # in float, before any quantization (see verify_attention)
+        if quantize is not None:
+            encoder.model, encoder.quantize = quantize_dynamic_int8(encoder.model, quantize), quantize
+        return encoder.eval()
+
+    @classmethod
+    def _from_onnx(cls, source, resolved: str, adapters: list[str], config: EncoderConfig, quantize) -> Encoder:
+        """An encoder whose model is an ONNX graph run by onnxruntime (see :mod:`decoder2vec.onnx_runtime`)."""
+        from transformers import AutoTokenizer
+
+        from .onnx_export import PRECISION_FILE, cached_onnx_folder
+        from .onnx_runtime import OnnxModel, has_onnx_graph
+
+        folder = Path(resolved)
+        if has_onnx_graph(folder):
+            record = folder / PRECISION_FILE
+            precision = json.loads(record.read_text()).get("precision") if record.is_file() else "float32"
+            if adapters or (quantize is not None and quantize != precision):
+                raise ValueError(
+                    f"{source!r} is an exported ONNX graph ({precision}): adapters and quantization are fixed at "
+                    "export time; export the base model again with them (decoder2vec export --format onnx)"
+                )
+            quantize = None if precision == "float32" else precision
+        else:
+            folder = cached_onnx_folder(os.fspath(source), adapters, config, quantize)
+        encoder = cls(OnnxModel(folder), AutoTokenizer.from_pretrained(folder), config, source=os.fspath(source))
+        encoder.adapters = adapters
+        encoder.quantize = quantize
+        if quantize is None:
+            encoder.verify_attention()  # on the graph itself
+        else:  # proven on the float32 graph at export time; the attention it was traced with is fixed
+            traced = json.loads((folder / PRECISION_FILE).read_text())["bidirectional"]
+            if traced != config.bidirectional:
+                raise ValueError(
+                    f"the int8 graph of {source!r} was exported {'bidirectional' if traced else 'causal'}; "
+                    f"it cannot run with bidirectional={config.bidirectional}"
+                )
         return encoder.eval()
 
     def verify_attention(self) -> None:
-        """Prove the model is bidirectional (or causal) as configured; raise otherwise."""
+        """Prove the model is bidirectional (or causal) as configured; raise otherwise.
+
+        Run in float: int8 scales activations per batch, so with int8 any token moves a little when another
+        one changes, whatever the mask. Quantized encoders are proven before quantizing (the float model, or
+        the float32 ONNX graph at export time).
+        """
         check_bidirectional(self.backbone, self.model.config, self.config.bidirectional, self.device)
 
     # ------------------------------------------------------------------ properties
@@ -296,6 +352,46 @@ def _encode_batches(encoder: Encoder, batches, features, out: torch.Tensor, prog
         for index in batches:
             out[index] = encoder(encoder.collate([features[i] for i in index])).cpu()
             progress.update(1)
+
+
+BACKENDS = ("torch", "onnx")
+QUANTIZATIONS = ("int8",)
+
+
+def _choose_backend(backend: str | None, resolved: str, quantize: str | None) -> str:
+    """torch unless asked otherwise, the folder is an ONNX export, or int8 is asked for (onnxruntime's is faster)."""
+    from .onnx_runtime import has_onnx_graph
+
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}")
+    onnx_folder = Path(resolved).is_dir() and has_onnx_graph(resolved)
+    if backend == "torch" and onnx_folder and not any(Path(resolved).glob("*.safetensors")):
+        raise ModelSourceError(f"{resolved!r} holds only an ONNX graph; load it with backend='onnx'")
+    if backend is None:
+        backend = "onnx" if onnx_folder or quantize is not None else "torch"
+    return backend
+
+
+def quantize_dynamic_int8(model: torch.nn.Module, quantize: str = "int8") -> torch.nn.Module:
+    """PyTorch's dynamic int8 (x86/fbgemm engine) for every linear layer of the decoder; adapters merged first.
+
+    Weights become int8 per tensor; activations are quantized per batch at run time. The LM head is left
+    out: encoding never runs it, and for tied embeddings an int8 copy would add memory instead of saving it.
+    """
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        quantize_dynamic(model.base_model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model
 
 
 def _default_device() -> torch.device:

@@ -206,3 +206,30 @@ def test_cli_export_both_formats(tiny_llama_dir, lora_dir, tmp_path, capsys):
     np.testing.assert_allclose(_sentence_transformer(tmp_path / "st").encode(TEXTS), encoder.encode(TEXTS), atol=1e-5)
     assert main(["export", str(tmp_path / "st"), "--format", "merged", *args]) == 1  # exists
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last_token"])
+def test_empty_text_in_every_format_with_a_bos_tokenizer(tiny_llama_dir, tmp_path, pooling):
+    encoder = Encoder.from_pretrained(tiny_llama_dir, pooling=pooling, device="cpu")
+    ours = encoder.encode(["", "Two dogs run."])
+    merged = export_model(encoder, tmp_path / "merged", format="merged")
+    np.testing.assert_allclose(Encoder.from_pretrained(merged).encode(["", "Two dogs run."]), ours, atol=1e-5)
+    st_folder = export_model(encoder, tmp_path / "st", format="sentence-transformers")
+    alone = _sentence_transformer(st_folder).encode([""])  # "" reads the BOS: no error
+    if pooling == "last_token":  # the BOS itself: decoder2vec's vector
+        np.testing.assert_allclose(alone[0], ours[0], atol=1e-5)
+    else:  # WordWeights zeroes the BOS, the only token: a zero vector, as the model card says
+        assert np.abs(alone).max() == 0
+        assert "returns a zero vector" in (st_folder / "README.md").read_text()
+
+
+def test_empty_text_without_special_tokens_is_documented_for_sentence_transformers(tmp_path):
+    folder = make_model_dir(tmp_path / "no-bos", "llama", add_bos=False)
+    encoder = Encoder.from_pretrained(folder, device="cpu")
+    merged = export_model(encoder, tmp_path / "merged", format="merged")
+    np.testing.assert_allclose(Encoder.from_pretrained(merged).encode([""]), encoder.encode([""]), atol=1e-5)
+    st_folder = export_model(encoder, tmp_path / "st", format="sentence-transformers")
+    card = (st_folder / "README.md").read_text()
+    assert "cannot reshape tensor of 0 elements" in card and "Drop empty texts first" in card
+    mixed = _sentence_transformer(st_folder).encode(["", "Two dogs run."])  # beside other texts: a zero vector
+    assert np.isfinite(mixed).all() and np.abs(mixed[0]).max() == 0

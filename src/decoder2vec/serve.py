@@ -673,6 +673,9 @@ def _fast_json_response_class():
 
 
 # ---------------------------------------------------------------------- running it
+_LINGER_SECONDS = 2.0  # how long a refused connection is read (and dropped) before it is closed
+
+
 def http_protocol(
     read_timeout: float = ServeConfig.read_timeout, max_header_bytes: int = ServeConfig.max_header_bytes
 ):
@@ -703,10 +706,13 @@ def http_protocol(
         def connection_made(self, transport) -> None:
             self._header_timer = None
             self._header_bytes = 0
+            self._refused = False
             super().connection_made(transport)
             self._start_header_clock()
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # lingering after a refusal: what the client still sends is read and dropped
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 self._start_header_clock()  # the first byte of the next request on a kept-alive connection
             super().data_received(data)
@@ -733,9 +739,21 @@ def http_protocol(
                 self._header_timer = None
 
         def _refuse(self, answer: bytes) -> None:
+            """Answer, end our side, and keep reading for a moment before closing (a lingering close).
+
+            Closing at once with the client's bytes still unread makes the kernel send a reset, which can
+            destroy the answer in the client's buffers before it reads it: the client would see a reset,
+            not the 431.
+            """
             self._stop_header_clock()
-            if not self.transport.is_closing():
-                self.transport.write(answer)
+            if self.transport.is_closing() or self._refused:
+                return
+            self._refused = True
+            self.transport.write(answer)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+                self.loop.call_later(_LINGER_SECONDS, self.transport.close)
+            else:
                 self.transport.close()
 
     return GuardedHttpToolsProtocol

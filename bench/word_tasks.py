@@ -211,6 +211,7 @@ def main() -> int:
             f"{platform.machine()}, torch {versions['torch']}, transformers {versions['transformers']}, "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}.",
             "",
+            "",
         ]
         tmp = output.with_name(f".{output.name}.tmp")
         tmp.write_text("\n".join(header) + _table(results, args) + "\n", encoding="utf-8")

@@ -153,6 +153,16 @@ def test_fp32_model_card_states_precision_and_empty_text(llama_onnx):
     assert json.loads((folder / "modules.json").read_text())[0]["type"] == "decoder2vec.st_modules.OnnxTransformer"
 
 
+def test_fp32_tolerance_is_relative_to_the_vectors_scale(llama_onnx):
+    _, folder = llama_onnx
+    measured = json.loads((folder / onnx_export.PRECISION_FILE).read_text())
+    assert measured["max_relative_difference"] <= onnx_export.FLOAT32_TOLERANCE
+    ours = np.array([[100.0, -50.0, 3.0], [1.0, 0.5, -0.25]])
+    rounding = np.array([[1e-3, 0.0, 0.0], [1e-3, 0.0, 0.0]])  # the same absolute error on both vectors
+    relative = onnx_export._relative_differences(ours + rounding, ours)
+    assert relative[0] == pytest.approx(1e-5) and relative[1] == pytest.approx(1e-3)  # fine at scale 100, not at 1
+
+
 def test_failed_onnx_export_leaves_nothing(tmp_path, monkeypatch):
     model = make_model_dir(tmp_path / "model", "llama")
     encoder = Encoder.from_pretrained(model, device="cpu")

@@ -453,8 +453,9 @@ def _precision_lines(folder: Path) -> list[str]:
     if measured["precision"] == "float32":
         lines.append(
             f"float32 ONNX graph (opset {measured['opset']}). On {measured['checked_texts']} probe texts its vectors "
-            f"differ from the PyTorch Encoder's by at most {measured['max_abs_difference']:.1e} (absolute; "
-            f"export fails above {FLOAT32_TOLERANCE:.0e})."
+            f"differ from the PyTorch Encoder's by at most {measured['max_abs_difference']:.1e} (absolute), "
+            f"{measured.get('max_relative_difference', float('nan')):.1e} of a vector's largest component (export "
+            f"fails above {FLOAT32_TOLERANCE:.0e} of it)."
         )
     else:
         lines.append(

@@ -157,11 +157,8 @@ def tokenize(
         if len(ids) > budget:
             ids, offsets, span = _fit(tokenizer, prefix, prompt, short, budget, max_length)
         if len(short) < len(text) and _kept_chars(offsets, span, ends_with_text) > limit // 2:
-            full, span = prompt.render(prefix, text)  # too close to the cut: the whole text, as without it
-            encoded_row = _encode(tokenizer, [full], budget if ends_with_text else None)
-            ids, offsets = encoded_row["input_ids"][0], encoded_row["offset_mapping"][0]
-            if len(ids) > budget:
-                ids, offsets, span = _fit(tokenizer, prefix, prompt, text, budget, max_length)
+            # too close to the cut: the whole text, as without it
+            ids, offsets, span = _tokenize_whole(tokenizer, prefix, prompt, text, budget, max_length)
         mask = _pool_mask(offsets, span, prompt.pooled)
         ids = list(ids)
         if eos is not None:
@@ -171,6 +168,17 @@ def tokenize(
             ids, mask = [_filler_id(tokenizer)], [0]
         features.append(Features(input_ids=ids, pool_mask=mask))
     return features
+
+
+def _tokenize_whole(tokenizer, prefix: str, prompt: TextPrompt, text: str, budget: int, max_length: int):
+    """(ids, offsets, span) of one whole text in its prompt, shortened to ``budget`` tokens as tokenize does."""
+    full, span = prompt.render(prefix, text)
+    ends_with_text = prompt.copies == 1 and prompt.template.endswith("{text}")
+    encoded = _encode(tokenizer, [full], budget if ends_with_text else None)
+    ids, offsets = encoded["input_ids"][0], encoded["offset_mapping"][0]
+    if len(ids) > budget:
+        return _fit(tokenizer, prefix, prompt, text, budget, max_length)
+    return ids, offsets, span
 
 
 _MIN_CHARS = 1024  # texts up to this long are always tokenized whole

@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 
 ONNX_QUANTIZATIONS = ("int8",)
 PRECISION_FILE = "decoder2vec_onnx.json"  # precision of the graph and its measured difference from the Encoder
-# fp32 graph vs the torch Encoder on the probe texts: rounding only (issue 13's bound for vectors)
+# fp32 graph vs the torch Encoder on the probe texts: rounding only (issue 13's bound for vectors), relative to
+# each vector's scale (its largest component): a 135M model's pooled states reach ~10^2, where float32 rounding
+# of a different kernel order alone moves the last digits by ~10^-4 in absolute terms
 FLOAT32_TOLERANCE = 1e-4
 # int8 graph vs the torch Encoder: every probe vector's cosine similarity to the fp32 one must reach this
 INT8_MIN_COSINE = 0.99
@@ -158,14 +160,15 @@ def write_onnx(encoder, folder: Path, quantize: str | None = None) -> dict:
         else None,
         "bidirectional": encoder.config.bidirectional,  # proven on the float32 graph by the attention probe
         "max_abs_difference": float(np.abs(theirs - ours).max()),
+        "max_relative_difference": float(_relative_differences(theirs, ours).max()),
         "min_cosine": float(_cosines(theirs, ours).min()),
         "checked_texts": len(_CHECK_TEXTS),
         "opset": _opset(graph_path),
     }
-    if quantize is None and measured["max_abs_difference"] > FLOAT32_TOLERANCE:
+    if quantize is None and measured["max_relative_difference"] > FLOAT32_TOLERANCE:
         raise ExportError(
-            f"the ONNX graph's vectors differ from the Encoder's by {measured['max_abs_difference']:.2e} "
-            f"(allowed {FLOAT32_TOLERANCE:.0e}); this architecture does not export faithfully"
+            f"the ONNX graph's vectors differ from the Encoder's by {measured['max_relative_difference']:.2e} of "
+            f"their largest component (allowed {FLOAT32_TOLERANCE:.0e}); this architecture does not export faithfully"
         )
     if quantize is not None and measured["min_cosine"] < INT8_MIN_COSINE:
         raise ExportError(
@@ -174,6 +177,12 @@ def write_onnx(encoder, folder: Path, quantize: str | None = None) -> dict:
         )
     (folder / PRECISION_FILE).write_text(json.dumps(measured, indent=2) + "\n")
     return measured
+
+
+def _relative_differences(theirs: np.ndarray, ours: np.ndarray) -> np.ndarray:
+    """Per vector: the largest absolute difference over the largest absolute component of ``ours``."""
+    scale = np.maximum(np.abs(ours).max(axis=1), 1e-12)
+    return np.abs(theirs - ours).max(axis=1) / scale
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

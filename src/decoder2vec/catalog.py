@@ -194,21 +194,16 @@ def _conll_entry(split: str, hub_split: str, original: str) -> DatasetEntry:
 DATASETS: dict[str, DatasetEntry] = {
     entry.key: entry
     for entry in (
-        DatasetEntry(
-            "wikitext2",
-            "valid",
-            "text/wikitext2_valid.tokens",
-            "wikitext",
-            HubSource("Salesforce/wikitext", "validation", ("text",), config="wikitext-2-v1"),
-            description="WikiText-2 validation, tokenized release (the MNTP training text)",
-        ),
-        DatasetEntry(
-            "wikitext2",
-            "test",
-            "text/wikitext2_test.tokens",
-            "wikitext",
-            HubSource("Salesforce/wikitext", "test", ("text",), config="wikitext-2-v1"),
-            description="WikiText-2 test, tokenized release",
+        *(
+            DatasetEntry(
+                "wikitext2",
+                split,
+                f"text/wikitext2_{split}.tokens",
+                "wikitext",
+                HubSource("Salesforce/wikitext", hub_split, ("text",), config="wikitext-2-v1"),
+                description=f"WikiText-2 {hub_split}, tokenized release{role}",
+            )
+            for split, hub_split, role in (("valid", "validation", " (the MNTP training text)"), ("test", "test", ""))
         ),
         DatasetEntry(
             "wiki-sentences",

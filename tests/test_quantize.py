@@ -102,6 +102,24 @@ def test_quantize_rejects_what_it_cannot_do(tmp_path):
         Encoder.from_pretrained(model, quantize="int8", backend="torch", dtype="bfloat16")
 
 
+def test_int8_refuses_a_model_it_would_move_too_far(tmp_path, monkeypatch):
+    """SmolLM2 with bidirectional attention loses 9-10 STS-B points to int8 (bench/int8_sensitivity.py): refuse."""
+    import decoder2vec.model as model_module
+
+    folder = make_model_dir(tmp_path / "model", "llama")
+    quantize = model_module.quantize_dynamic_int8
+
+    def coarse(model, kind="int8"):  # int8 as it goes on a sensitive model: here, one layer's weights scrambled
+        with torch.no_grad():
+            layer = model.base_model.layers[-1].mlp.down_proj
+            layer.weight.mul_(1e3)
+        return quantize(model, kind)
+
+    monkeypatch.setattr(model_module, "quantize_dynamic_int8", coarse)
+    with pytest.raises(model_module.QuantizationError, match=r"cosine of only .*float32.*docs/inference.md"):
+        Encoder.from_pretrained(folder, quantize="int8", backend="torch")
+
+
 def test_cli_encode_with_quantize(tmp_path):
     model = make_model_dir(tmp_path / "model", "llama")
     texts = tmp_path / "texts.txt"

@@ -773,17 +773,7 @@ def _run_local(spec, encoder, shards, files, source, out_dir, config, overwrite,
                 torch.set_num_threads(threads)
             encoder = spec.load()
         info = _encoder_info(encoder, spec)
-        identity = _identity(source, files, _model_record(info), config)
-        manifest = _prepare_output(out_dir, identity, shards, overwrite)
-        done = {r["index"] for r in manifest["shards"]}
-        pending = [s for s in shards if s.index not in done]
-        extra = {
-            "dim": info["dim"],
-            "width": output_width(info["dim"], config),
-            "engine": "local",
-            "versions": _versions(),
-        }
-        _write_manifest(out_dir, _finish_manifest(manifest, shards, extra))
+        manifest, pending, extra = start_output(info, source, files, out_dir, config, shards, overwrite, "local")
         progress = _progress_bar(sum(s.rows - s.bad_rows for s in pending), config.progress)
         try:
             for shard in pending:
@@ -796,6 +786,23 @@ def _run_local(spec, encoder, shards, files, source, out_dir, config, overwrite,
     manifest = _finish_manifest(manifest, shards, {"seconds": round(time.perf_counter() - started + planned_in, 3)})
     _write_manifest(out_dir, manifest)
     return manifest
+
+
+def start_output(info, source, files, out_dir, config, shards, overwrite, engine, workers=None):
+    """The output folder's manifest for this job (new, or resumed if its identity matches), written at once.
+
+    Returns (manifest, the shards still to embed, the manifest's run fields: dim, width, engine, versions).
+    """
+    identity = _identity(source, files, _model_record(info), config)
+    manifest = _prepare_output(out_dir, identity, shards, overwrite)
+    done = {r["index"] for r in manifest["shards"]}
+    pending = [s for s in shards if s.index not in done]
+    extra = {"dim": info["dim"], "width": output_width(info["dim"], config), "engine": engine}
+    if workers is not None:
+        extra["workers"] = workers
+    extra["versions"] = _versions()
+    _write_manifest(out_dir, _finish_manifest(manifest, shards, extra))
+    return manifest, pending, extra
 
 
 def _encoder_info(encoder, spec: EncoderSpec) -> dict:
@@ -845,13 +852,8 @@ def _run_processes(spec, shards, files, source, out_dir, config, overwrite, thre
     progress = None
     try:
         info = _receive(results, processes, "ready")
-        identity = _identity(source, files, _model_record(info), config)
-        manifest = _prepare_output(out_dir, identity, shards, overwrite)
-        done = {r["index"] for r in manifest["shards"]}
-        pending = [s for s in shards if s.index not in done]
-        extra = {"dim": info["dim"], "width": output_width(info["dim"], config), "engine": "local", "workers": workers}
-        extra["versions"] = _versions()
-        _write_manifest(out_dir, _finish_manifest(manifest, shards, extra))
+        args = (info, source, files, out_dir, config, shards, overwrite, "local", workers)
+        manifest, pending, extra = start_output(*args)
         for shard in pending:
             tasks.put(asdict(shard))
         for _ in processes:

@@ -33,14 +33,10 @@ from .embed import (
     Shard,
     _encoder_info,
     _finish_manifest,
-    _identity,
-    _model_record,
-    _prepare_output,
     _progress_bar,
-    _versions,
     _write_manifest,
     embed_shard,
-    output_width,
+    start_output,
 )
 
 __all__ = ["run_ray"]
@@ -109,13 +105,7 @@ def run_ray(
     # the output's identity: one task loads the model once to read them, where the actors will run
     info_task = ray.remote(_encoder_info_task).options(num_gpus=1 if use_gpu else 0, num_cpus=1)
     info = ray.get(info_task.remote(asdict(spec), use_gpu))
-    identity = _identity(source, files, _model_record(info), config)
-    manifest = _prepare_output(out_dir, identity, shards, overwrite)
-    done = {r["index"] for r in manifest["shards"]}
-    pending = [s for s in shards if s.index not in done]
-    extra = {"dim": info["dim"], "width": output_width(info["dim"], config), "engine": "ray", "workers": workers}
-    extra["versions"] = _versions()
-    _write_manifest(out_dir, _finish_manifest(manifest, shards, extra))
+    manifest, pending, extra = start_output(info, source, files, out_dir, config, shards, overwrite, "ray", workers)
 
     if pending:
         context = ray.data.DataContext.get_current()

@@ -165,7 +165,10 @@ class Encoder(torch.nn.Module):
         encoder.adapters = adapters  # the folders loaded, in order (a model card lists their training stages)
         encoder.verify_attention()  # in float, before any quantization (see verify_attention)
         if quantize is not None:
+            float_vectors = encoder.encode(INT8_PROBE_TEXTS, batch_size=3, show_progress=False)
             encoder.model, encoder.quantize = quantize_dynamic_int8(encoder.model, quantize), quantize
+            int8_vectors = encoder.encode(INT8_PROBE_TEXTS, batch_size=3, show_progress=False)
+            check_int8(float_vectors, int8_vectors, "PyTorch's dynamic int8")
         return encoder.eval()
 
     @classmethod
@@ -372,6 +375,41 @@ def _choose_backend(backend: str | None, resolved: str, quantize: str | None) ->
     if backend is None:
         backend = "onnx" if onnx_folder or quantize is not None else "torch"
     return backend
+
+
+# an int8 encoder must keep every probe vector this close (cosine) to its float32 one (issue 13's bound)
+INT8_MIN_COSINE = 0.99
+INT8_PROBE_TEXTS = [
+    "A man is playing a guitar.",
+    "Unusual characters: tab\there, emoji 🙂, accents éàü, symbols <s> </s> [SEP].",
+    "The president gave a long speech about the economy, jobs, and taxes to a large crowd.",
+    "Two dogs run.",
+    "",
+    "x",
+]
+
+
+class QuantizationError(ValueError):
+    """int8 moves this model's vectors too far from its float32 ones."""
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b``."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)
+
+
+def check_int8(float_vectors: np.ndarray, int8_vectors: np.ndarray, what: str) -> float:
+    """The smallest cosine between the int8 and float32 probe vectors; raises below :data:`INT8_MIN_COSINE`."""
+    cosine = float(row_cosines(int8_vectors, float_vectors).min())
+    if cosine < INT8_MIN_COSINE:
+        raise QuantizationError(
+            f"{what} moves this model's vectors too far: a cosine of only {cosine:.4f} with its float32 vectors on "
+            f"probe texts (required {INT8_MIN_COSINE}). Some models (SmolLM2 with bidirectional attention among "
+            "them) are too sensitive to per-tensor int8 rounding; run this one in float32 (an fp32 ONNX export "
+            "is the faster CPU path) and see docs/inference.md"
+        )
+    return cosine
 
 
 def quantize_dynamic_int8(model: torch.nn.Module, quantize: str = "int8") -> torch.nn.Module:

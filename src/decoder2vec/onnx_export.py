@@ -32,9 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .model import INT8_MIN_COSINE, INT8_PROBE_TEXTS, check_int8, row_cosines
 from .onnx_runtime import ONNX_FILE, OnnxModel
 
-__all__ = ["ONNX_QUANTIZATIONS", "PRECISION_FILE", "cached_onnx_folder", "export_graph", "write_onnx"]
+__all__ = [
+    "INT8_MIN_COSINE",
+    "ONNX_QUANTIZATIONS",
+    "PRECISION_FILE",
+    "cached_onnx_folder",
+    "export_graph",
+    "write_onnx",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +52,6 @@ PRECISION_FILE = "decoder2vec_onnx.json"  # precision of the graph and its measu
 # each vector's scale (its largest component): a 135M model's pooled states reach ~10^2, where float32 rounding
 # of a different kernel order alone moves the last digits by ~10^-4 in absolute terms
 FLOAT32_TOLERANCE = 1e-4
-# int8 graph vs the torch Encoder: every probe vector's cosine similarity to the fp32 one must reach this
-INT8_MIN_COSINE = 0.99
-_CHECK_TEXTS = [
-    "A man is playing a guitar.",
-    "Unusual characters: tab\there, emoji 🙂, accents éàü, symbols <s> </s> [SEP].",
-    "The president gave a long speech about the economy, jobs, and taxes to a large crowd.",
-    "Two dogs run.",
-    "",
-    "x",
-]
 
 
 class _Graph(torch.nn.Module):
@@ -151,8 +149,8 @@ def write_onnx(encoder, folder: Path, quantize: str | None = None) -> dict:
         for leftover in graph_path.parent.glob(float_path.name + "*"):
             leftover.unlink()
         exported = Encoder(OnnxModel(folder), encoder.tokenizer, encoder.config, source=encoder.source).eval()
-    theirs = exported.encode(_CHECK_TEXTS, batch_size=3)
-    ours = reference.encode(_CHECK_TEXTS, batch_size=3)
+    theirs = exported.encode(INT8_PROBE_TEXTS, batch_size=3)
+    ours = reference.encode(INT8_PROBE_TEXTS, batch_size=3)
     measured = {
         "precision": "int8" if quantize else "float32",
         "quantization": "onnxruntime dynamic int8: MatMul/Gemm weights per tensor, activations per batch"
@@ -161,8 +159,8 @@ def write_onnx(encoder, folder: Path, quantize: str | None = None) -> dict:
         "bidirectional": encoder.config.bidirectional,  # proven on the float32 graph by the attention probe
         "max_abs_difference": float(np.abs(theirs - ours).max()),
         "max_relative_difference": float(_relative_differences(theirs, ours).max()),
-        "min_cosine": float(_cosines(theirs, ours).min()),
-        "checked_texts": len(_CHECK_TEXTS),
+        "min_cosine": float(row_cosines(theirs, ours).min()),
+        "checked_texts": len(INT8_PROBE_TEXTS),
         "opset": _opset(graph_path),
     }
     if quantize is None and measured["max_relative_difference"] > FLOAT32_TOLERANCE:
@@ -170,11 +168,11 @@ def write_onnx(encoder, folder: Path, quantize: str | None = None) -> dict:
             f"the ONNX graph's vectors differ from the Encoder's by {measured['max_relative_difference']:.2e} of "
             f"their largest component (allowed {FLOAT32_TOLERANCE:.0e}); this architecture does not export faithfully"
         )
-    if quantize is not None and measured["min_cosine"] < INT8_MIN_COSINE:
-        raise ExportError(
-            f"the int8 graph's vectors reach a cosine of only {measured['min_cosine']:.4f} with the Encoder's "
-            f"(required {INT8_MIN_COSINE}); export without --quantize"
-        )
+    if quantize is not None:
+        try:
+            check_int8(ours, theirs, "onnxruntime's dynamic int8")
+        except ValueError as error:
+            raise ExportError(f"{error}; export without --quantize") from None
     (folder / PRECISION_FILE).write_text(json.dumps(measured, indent=2) + "\n")
     return measured
 
@@ -183,11 +181,6 @@ def _relative_differences(theirs: np.ndarray, ours: np.ndarray) -> np.ndarray:
     """Per vector: the largest absolute difference over the largest absolute component of ``ours``."""
     scale = np.maximum(np.abs(ours).max(axis=1), 1e-12)
     return np.abs(theirs - ours).max(axis=1) / scale
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)
 
 
 def _opset(path: Path) -> int | None:

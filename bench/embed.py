@@ -91,7 +91,7 @@ def main() -> None:
     encoder = Encoder.from_pretrained(folder, max_length=args.max_length)
     print(f"model {args.model} ({folder}), {args.rows} rows, {args.threads} threads, batch {args.batch_size}, "
           f"max_length {args.max_length}, shards of {args.shard_size}; torch {torch.__version__}")  # fmt: skip
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start (niced, shared)")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     results: dict = {"rows": args.rows, "threads": args.threads, "model": args.model}
 
     # wall-clock seconds and this process's CPU seconds (all its threads): on a shared, loaded machine the CPU

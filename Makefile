@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/decoder2vec pipeline
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 # build the wheel, install it into fresh venvs (core alone, then each extra) and use it there (.ci/run runs it)
 wheel-check: $(STAMP)

@@ -61,7 +61,8 @@ def test_grad_cache_equals_plain_loss_and_gradients(tiny_llama_dir, chunk_size, 
     cached = GradCache(encoder, encoder.collate, loss_fn, chunk_size=chunk_size).step(features, num_queries=3)
     assert abs(cached.item() - plain.item()) < 1e-5
     for a, b in zip(plain_grads, [p.grad for p in params], strict=True):
-        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        # chunks sum in another order: float32 rounding, 1e-5 of the tensor's scale (gradients here reach ~6)
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
     assert any(g.abs().sum() > 0 for g in plain_grads)
 
 

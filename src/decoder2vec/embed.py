@@ -852,8 +852,9 @@ def _run_processes(spec, shards, files, source, out_dir, config, overwrite, thre
     progress = None
     try:
         info = _receive(results, processes, "ready")
-        args = (info, source, files, out_dir, config, shards, overwrite, "local", workers)
-        manifest, pending, extra = start_output(*args)
+        manifest, pending, extra = start_output(
+            info, source, files, out_dir, config, shards, overwrite, "local", workers
+        )
         for shard in pending:
             tasks.put(asdict(shard))
         for _ in processes:

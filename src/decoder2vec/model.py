@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .attention import ARCHITECTURES, ArchitectureSupport, check_bidirectional, set_bidirectional
 from .config import option, save_config
+from .eval.common import cosine_scores
 from .inputs import TextInput, TextPrompt, normalize_inputs, pad_batch, resolve_prompt, tokenize
 from .llm2vec_compat import detect_llm2vec_checkpoint
 from .pooling import POOLING_MODES, pool
@@ -393,15 +394,9 @@ class QuantizationError(ValueError):
     """int8 moves this model's vectors too far from its float32 ones."""
 
 
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row of ``a`` with the same row of ``b``."""
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)
-
-
 def check_int8(float_vectors: np.ndarray, int8_vectors: np.ndarray, what: str) -> float:
     """The smallest cosine between the int8 and float32 probe vectors; raises below :data:`INT8_MIN_COSINE`."""
-    cosine = float(row_cosines(int8_vectors, float_vectors).min())
+    cosine = float(cosine_scores(int8_vectors, float_vectors).min())
     if cosine < INT8_MIN_COSINE:
         raise QuantizationError(
             f"{what} moves this model's vectors too far: a cosine of only {cosine:.4f} with its float32 vectors on "

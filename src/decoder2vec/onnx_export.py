@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import INT8_MIN_COSINE, INT8_PROBE_TEXTS, check_int8, row_cosines
+from .eval.common import cosine_scores
+from .model import INT8_MIN_COSINE, INT8_PROBE_TEXTS, check_int8
 from .onnx_runtime import ONNX_FILE, OnnxModel
 
 __all__ = [
@@ -159,7 +160,7 @@ def write_onnx(encoder, folder: Path, quantize: str | None = None) -> dict:
         "bidirectional": encoder.config.bidirectional,  # proven on the float32 graph by the attention probe
         "max_abs_difference": float(np.abs(theirs - ours).max()),
         "max_relative_difference": float(_relative_differences(theirs, ours).max()),
-        "min_cosine": float(row_cosines(theirs, ours).min()),
+        "min_cosine": float(cosine_scores(theirs, ours).min()),
         "checked_texts": len(INT8_PROBE_TEXTS),
         "opset": _opset(graph_path),
     }

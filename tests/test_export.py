@@ -141,7 +141,8 @@ def lora_dir(tiny_llama_dir, tmp_path):
 
 def test_merged_folder_restores_the_encoder(tiny_llama_dir, lora_dir, tmp_path):
     settings = dict(pooling="weighted_mean", max_length=64, query_instruction="Find the answer")
-    encoder = Encoder.from_pretrained(tiny_llama_dir, adapter=lora_dir, device="cpu", **settings)
+    live = dict(merge_adapters=False)  # the adapter as PEFT runs it: export must merge a copy, not the caller's
+    encoder = Encoder.from_pretrained(tiny_llama_dir, adapter=lora_dir, device="cpu", **live, **settings)
     assert isinstance(encoder.model, PeftModel)
     out = export_model(encoder, tmp_path / "merged", format="merged")
     assert isinstance(encoder.model, PeftModel), "exporting must not merge the caller's adapter"

@@ -112,6 +112,25 @@ def test_saved_config_is_restored(tiny_llama_dir):
     assert Encoder.from_pretrained(tiny_llama_dir, pooling="bos").config.pooling == "bos"  # arguments win
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft on transformers 5
+def test_adapters_are_merged_with_the_vectors_of_the_live_adapter(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), config).save_pretrained(tmp_path / "lora")
+    texts = mixed_texts(12)
+    merged = Encoder.from_pretrained(tiny_llama_dir, adapter=tmp_path / "lora", device="cpu")
+    live = Encoder.from_pretrained(tiny_llama_dir, adapter=tmp_path / "lora", device="cpu", merge_adapters=False)
+    assert not isinstance(merged.model, PeftModel) and isinstance(live.model, PeftModel)
+    assert not any("lora_" in name for name, _ in merged.model.named_parameters())
+    ours, theirs = merged.encode(texts), live.encode(texts)
+    base = Encoder.from_pretrained(tiny_llama_dir, device="cpu").encode(texts)
+    assert np.abs(theirs - base).max() > 1e-2  # the adapter changes the vectors: the test can tell
+    assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+
+
 def test_missing_source_says_what_to_do(tmp_path):
     with pytest.raises(ModelSourceError, match="not found"):
         Encoder.from_pretrained(str(tmp_path / "no-such-model"))

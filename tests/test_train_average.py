@@ -58,6 +58,24 @@ def test_average_equals_mean_of_merged_weights(tiny_llama_dir, tmp_path):
     assert max((avg2[k] - naive[k]).abs().max().item() for k in naive) < 1e-6
 
 
+def test_scale_moves_the_merged_weights_toward_the_base_model(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    folders = [_random_adapter(tiny_llama_dir, tmp_path / n, seed=i) for i, n in enumerate("ab")]
+    full = _merged_weights(tiny_llama_dir, average_adapters(folders, tmp_path / "full"))
+    half = _merged_weights(tiny_llama_dir, average_adapters(folders, tmp_path / "half", scale=0.5))
+    assert set(half) == set(full) <= set(base)
+    worst = max((half[k] - (base[k] + 0.5 * (full[k] - base[k]))).abs().max().item() for k in half)
+    assert worst < 1e-6
+    assert max((full[k] - base[k]).abs().max().item() for k in full) > 1e-3  # the update is not negligible
+    record = json.loads((tmp_path / "half" / "decoder2vec_average.json").read_text())
+    assert record["scale"] == 0.5 and record["weights"] == [0.25, 0.25]
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        average_adapters(folders, tmp_path / "zero", scale=0)
+    assert not (tmp_path / "zero").exists()
+
+
 def test_average_of_one_adapter_encodes_like_it(tiny_llama_dir, tmp_path):
     folder = _random_adapter(tiny_llama_dir, tmp_path / "a", seed=4)
     single = Encoder.from_pretrained(str(tiny_llama_dir), adapter=str(folder), device="cpu").encode(TEXTS)

@@ -183,6 +183,7 @@ def test_pipeline_command_runs_stages_for_each_seed(tiny_llama_dir, tmp_path, ca
         f"{a}\t{b}\t{i % 5}\tx" for i, (a, b) in enumerate(zip(TEXTS[:5], TEXTS[1:6], strict=True))
     ]
     (data / "sts" / "stsb_test.tsv").write_text("\n".join(rows) + "\n")
+    (data / "sts" / "stsb_dev.tsv").write_text("\n".join(rows[:1] + rows[:0:-1]) + "\n")
     args = [
         "pipeline",
         "--model",
@@ -196,6 +197,7 @@ def test_pipeline_command_runs_stages_for_each_seed(tiny_llama_dir, tmp_path, ca
     args += ["--mntp-steps", "2", "--mntp-batch-size", "2", "--mntp-max-seq-length", "16"]
     args += ["--simcse-steps", "3", "--simcse-batch-size", "4", "--simcse-max-seq-length", "16"]
     args += ["--causal-baseline", "true", "--score-each-stage", "true", "--progress", "false"]
+    args += ["--scales", "1,0.5"]
     assert main(args) == 0
     out = capsys.readouterr().out
     for label in ("untrained, causal", "untrained, bidirectional", "seed 0: after mntp", "seed 1: trained"):
@@ -209,6 +211,12 @@ def test_pipeline_command_runs_stages_for_each_seed(tiny_llama_dir, tmp_path, ca
     first = results["runs"][0]
     assert first["averaged_checkpoints"] == ["step-0000002", "step-0000003"]  # the last 2 of the SimCSE run
     assert first["adapter"] == str(tmp_path / "runs" / "seed-0" / "final")
+    # the scale kept is the one that scored best on STS-B dev; the candidates are gone
+    assert set(first["scale_scores"]) == {"1", "0.5"} and "update x 0.5" in out
+    assert first["scale_scores"][f"{first['scale']:g}"] == max(first["scale_scores"].values())
+    record = json.loads((tmp_path / "runs" / "seed-0" / "final" / "decoder2vec_average.json").read_text())
+    assert record["scale"] == first["scale"] and len(record["adapters"]) == 2
+    assert sorted(p.name for p in (tmp_path / "runs" / "seed-0").iterdir()) == ["final", "mntp", "simcse"]
     simcse_config = json.loads((tmp_path / "runs" / "seed-1" / "simcse" / "simcse_config.json").read_text())
     assert simcse_config["seed"] == 1 and simcse_config["adapter"] == [str(tmp_path / "runs" / "seed-1" / "mntp")]
     loaded = Encoder.from_pretrained(str(tiny_llama_dir), adapter=first["adapter"], device="cpu").encode(TEXTS)

@@ -126,13 +126,15 @@ class Encoder(torch.nn.Module):
         device: str | torch.device | None = None,
         quantize: str | None = None,
         backend: str | None = None,
+        merge_adapters: bool = True,
         **config_overrides,
     ) -> Encoder:
         """Load an encoder from a model folder, a hub id, a ``.gguf`` file or a short name.
 
         Settings not given here come from the folder's ``decoder2vec_config.json`` when it has one,
         else from :class:`EncoderConfig`'s defaults. ``adapter`` is a PEFT LoRA folder, or a list of
-        them: all but the last are merged into the base weights, the last stays a live adapter.
+        them, merged into the base weights in order. ``merge_adapters=False`` keeps the last one a live PEFT
+        adapter (to inspect or train it); merged encodes faster, with the same vectors to float rounding.
 
         ``quantize="int8"``: dynamic int8 linear layers on the CPU, adapters merged first. ``backend`` is
         ``torch`` or ``onnx`` (onnxruntime). A folder written by ``export --format onnx`` runs with onnxruntime;
@@ -162,6 +164,8 @@ class Encoder(torch.nn.Module):
         model, tokenizer = _load_model(resolved, source, torch_dtype, config.attn_implementation)
         for path in adapters:
             model = _attach_adapter(model, path)
+        if merge_adapters and adapters:
+            model = model.merge_and_unload()
         encoder = cls(model.to(device), tokenizer, config, source=os.fspath(source))
         encoder.adapters = adapters  # the folders loaded, in order (a model card lists their training stages)
         encoder.verify_attention()  # in float, before any quantization (see verify_attention)

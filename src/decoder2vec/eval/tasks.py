@@ -200,6 +200,13 @@ def register_task(spec: TaskSpec) -> TaskSpec:
 
 for _spec in (
     TaskSpec("stsb", "sts", {"test": "sts/stsb_test.tsv"}, SIMILAR_TEXT, description="STS Benchmark test"),
+    TaskSpec(
+        "stsb-dev",
+        "sts",
+        {"test": "sts/stsb_dev.tsv"},
+        SIMILAR_TEXT,
+        description="STS Benchmark dev: for choices (the pipeline's scale), never a reported score",
+    ),
     TaskSpec("sickr", "sts", {"test": "sts/sickr_test.tsv"}, SIMILAR_TEXT, description="SICK relatedness test"),
     TaskSpec(
         "trec",

@@ -9,8 +9,12 @@ rank, the ``B`` matrices side by side, each ``B_i`` multiplied by its weight and
     sum_i w_i * s_i * B_i @ A_i  ==  [w_1 s_1 B_1 | ... | w_k s_k B_k] @ [A_1; ...; A_k]
 
 This averages checkpoints of one run (the tail of a SimCSE run, as weight averaging does) or runs that differ
-only in their seed. The adapters must adapt the same modules of the same base model, trained on the same
-stack of earlier (merged) adapters; the result keeps that stack, so it loads like any run folder::
+only in their seed. ``scale`` multiplies the averaged update: the merged weights become ``base + scale * mean``,
+i.e. they move back toward the base model for ``scale < 1`` (WiSE-FT's interpolation between the pretrained and
+the fine-tuned weights; one adapter averaged with a zero one).
+
+The adapters must adapt the same modules of the same base model, trained on the same stack of earlier (merged)
+adapters; the result keeps that stack, so it loads like any run folder::
 
     average_adapters(["runs/simcse/checkpoints/step-0000040", "runs/simcse"], "runs/simcse-avg")
     encoder = Encoder.from_pretrained("gemma3-270m", adapter="runs/simcse-avg")
@@ -37,11 +41,13 @@ def average_adapters(
     folders: Sequence[str | os.PathLike],
     output: str | os.PathLike,
     weights: Sequence[float] | None = None,
+    scale: float = 1.0,
 ) -> Path:
-    """Write to ``output`` one LoRA adapter whose update is the weighted mean of the ``folders``' updates.
+    """Write to ``output`` one LoRA adapter whose update is ``scale`` times the weighted mean of the ``folders``'.
 
-    ``weights`` default to equal (1/k each); they are normalized to sum to 1. Written to a temporary folder
-    and renamed, so ``output`` is either complete or absent. Returns ``output`` as a Path.
+    ``weights`` default to equal (1/k each); they are normalized to sum to 1. ``scale`` (> 0) interpolates
+    between the base model (toward 0) and the average (1). Written to a temporary folder and renamed, so
+    ``output`` is either complete or absent. Returns ``output`` as a Path.
     """
     from safetensors.torch import load_file, save_file
 
@@ -55,7 +61,9 @@ def average_adapters(
     weights = [1.0] * len(folders) if weights is None else [float(w) for w in weights]
     if len(weights) != len(folders) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"weights must be {len(folders)} non-negative numbers with a positive sum, not {weights}")
-    weights = [w / sum(weights) for w in weights]
+    if not scale > 0:
+        raise ValueError(f"scale must be a positive fraction of the update (1 keeps it whole), not {scale}")
+    weights = [scale * w / sum(weights) for w in weights]
 
     configs = [json.loads((f / ADAPTER_CONFIG).read_text()) for f in folders]
     states = [load_file(f / ADAPTER_WEIGHTS) for f in folders]
@@ -86,7 +94,7 @@ def average_adapters(
     if (source / "stack").is_dir():
         shutil.copytree(source / "stack", tmp / "stack")
     (tmp / "decoder2vec_average.json").write_text(
-        json.dumps({"adapters": [str(f) for f in folders], "weights": weights}, indent=1) + "\n"
+        json.dumps({"adapters": [str(f) for f in folders], "weights": weights, "scale": scale}, indent=1) + "\n"
     )
     shutil.rmtree(output, ignore_errors=True)
     os.replace(tmp, output)

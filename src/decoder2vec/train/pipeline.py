@@ -2,7 +2,9 @@
 
 For each seed: train every stage on top of the previous one (its adapter merged first), optionally replace the
 last stage's adapter by the exact average of its last checkpoints (:func:`~decoder2vec.train.average_adapters`),
-and score the result on the evaluation tasks (STS-B test by default; SICK-R, TREC, MRPC on request). The untrained
+optionally scale that update back toward the untrained model (``base + s * update`` for each ``s`` of ``scales``,
+the one that scores best on ``select_task`` — STS-B dev, never a test set — kept), and score the result on the
+evaluation tasks (STS-B test by default; SICK-R, TREC, MRPC on request). The untrained
 model is scored once. With several seeds it prints one row per seed, the mean and the spread (max - min), the
 figures to report: one seed says little about a recipe.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -41,6 +44,10 @@ class PipelineConfig:
     seeds: list[int] | None = option(None, help="one full run per seed (default: the recipe's, else 42)")
     average_last: int | None = option(None, help="average the last stage's last k checkpoints (0 or 1: final only)")
     checkpoint_every: int | None = option(None, help="checkpoint interval of the last stage (for average_last)")
+    scales: list[float] | None = option(
+        None, help="fractions of the trained update to try, the best on select_task kept (default: the recipe's, 1)"
+    )
+    select_task: str = option("stsb-dev", help="task that chooses among scales (a dev set, never a test set)")
     eval_tasks: list[str] | None = option(None, help="tasks scored after training (default: stsb = STS-B test)")
     baseline_tasks: list[str] | None = option(
         None, help="tasks the untrained model is scored on (default: eval_tasks)"
@@ -57,7 +64,13 @@ class PipelineConfig:
 
     def __post_init__(self):
         # lists may come as "0,1,2" or ["0", "1,2"] from the command line
-        for name, kind in (("stages", str), ("seeds", int), ("eval_tasks", str), ("baseline_tasks", str)):
+        for name, kind in (
+            ("stages", str),
+            ("seeds", int),
+            ("scales", float),
+            ("eval_tasks", str),
+            ("baseline_tasks", str),
+        ):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -69,6 +82,8 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be a comma-separated list of {kind.__name__}s, not {value!r}") from None
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
+        if self.scales is not None and not all(0 < s <= 4 for s in self.scales):
+            raise ValueError(f"scales must be fractions of the trained update in (0, 4], e.g. 1,0.5; not {self.scales}")
 
 
 def default_recipe() -> str:
@@ -88,6 +103,7 @@ def _resolved(config: PipelineConfig) -> tuple[PipelineConfig, dict]:
         "seeds": [42],
         "average_last": 0,
         "checkpoint_every": 50,
+        "scales": [1.0],
         "eval_tasks": ["stsb"],
     }
     values = {}
@@ -131,7 +147,8 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
     if config.resume and not output.is_dir():
         raise ValueError(f"--resume: {output} does not exist; give the output folder of the interrupted pipeline")
     data = {stage: str(resolve_dataset(STAGE_DATA[stage], data_dir=config.data_dir)) for stage in config.stages}
-    for task in config.eval_tasks:  # fail on a missing evaluation file now, not after an hour of training
+    choosing = len(config.scales) > 1
+    for task in config.eval_tasks + [config.select_task] * choosing:  # fail on a missing file now, not in an hour
         from ..eval.tasks import resolve_task_files, resolve_tasks
 
         for spec in resolve_tasks([task]):
@@ -143,6 +160,7 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
         "stages": config.stages,
         "seeds": config.seeds,
         "eval_tasks": config.eval_tasks,
+        "scales": config.scales,
         "untrained": {},
         "runs": [],
     }
@@ -197,10 +215,27 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
                 row["stage_scores"][stage] = scored(f"seed {seed}: after {stage}", trained.encoder, ["stsb"])
             del trained
         final = previous[0]
+        sources = [Path(final)]
         if config.average_last > 1:
             checkpoints = sorted((Path(final) / "checkpoints").glob("step-*"), key=lambda p: p.name)
-            final = str(average_adapters(checkpoints[-config.average_last :], seed_dir / "final"))
-            row["averaged_checkpoints"] = [p.name for p in checkpoints[-config.average_last :]]
+            sources = checkpoints[-config.average_last :]
+            row["averaged_checkpoints"] = [p.name for p in sources]
+        if choosing:
+            row["scale_scores"] = {}
+            for scale in config.scales:
+                candidate = average_adapters(sources, seed_dir / f"scale-{scale:g}", scale=scale)
+                encoder = Encoder.from_pretrained(config.model, adapter=str(candidate))
+                score = scored(f"seed {seed}: update x {scale:g}", encoder, [config.select_task])
+                row["scale_scores"][f"{scale:g}"] = score[config.select_task]
+                del encoder
+            best = max(config.scales, key=lambda s: row["scale_scores"][f"{s:g}"])  # the first of equals
+            row["scale"] = best
+            final = str(average_adapters(sources, seed_dir / "final", scale=best))
+            for scale in config.scales:
+                shutil.rmtree(seed_dir / f"scale-{scale:g}", ignore_errors=True)
+        elif config.scales != [1.0] or len(sources) > 1:
+            row["scale"] = config.scales[0]
+            final = str(average_adapters(sources, seed_dir / "final", scale=config.scales[0]))
         row["adapter"] = final
         row["scores"] = scored(
             f"seed {seed}: trained", Encoder.from_pretrained(config.model, adapter=final), config.eval_tasks
@@ -237,20 +272,27 @@ def summarize(runs: list[dict], tasks: list[str]) -> dict[str, dict[str, float]]
 
 
 def results_table(results: dict) -> str:
-    """A markdown table: untrained rows, one row per seed, then mean and spread."""
+    """A markdown table: untrained rows, one row per seed (with the scale kept, when one was chosen), mean, spread."""
     tasks = results["eval_tasks"]
-    lines = ["| run | " + " | ".join(tasks) + " | minutes |", "|---|" + "---|" * (len(tasks) + 1)]
+    chosen = any("scale" in run for run in results["runs"])
+    extra = " scale |" if chosen else ""
+    lines = [
+        "| run | " + " | ".join(tasks) + " |" + extra + " minutes |",
+        "|---|" + "---|" * (len(tasks) + 1 + chosen),
+    ]
+    blank = " |" if chosen else ""
     for label, scores in results["untrained"].items():
-        lines.append(
-            f"| untrained, {label} | " + " | ".join(f"{scores.get(t, float('nan')):.2f}" for t in tasks) + " | |"
-        )
+        cells = " | ".join(f"{scores.get(t, float('nan')):.2f}" for t in tasks)
+        lines.append(f"| untrained, {label} | {cells} |{blank} |")
     for run in results["runs"]:
         cells = " | ".join(f"{run['scores'].get(t, float('nan')):.2f}" for t in tasks)
-        lines.append(f"| seed {run['seed']} | {cells} | {run['minutes']} |")
+        scale = f" {run['scale']:g} |" if "scale" in run else blank
+        lines.append(f"| seed {run['seed']} | {cells} |{scale} {run['minutes']} |")
     summary = results.get("summary") or {}
     if len(results["runs"]) > 1 and summary:
-        lines.append("| **mean** | " + " | ".join(f"**{summary[t]['mean']:.2f}**" for t in tasks) + " | |")
-        lines.append("| spread (max - min) | " + " | ".join(f"{summary[t]['spread']:.2f}" for t in tasks) + " | |")
+        lines.append("| **mean** | " + " | ".join(f"**{summary[t]['mean']:.2f}**" for t in tasks) + f" |{blank} |")
+        spread = " | ".join(f"{summary[t]['spread']:.2f}" for t in tasks)
+        lines.append(f"| spread (max - min) | {spread} |{blank} |")
     return "\n".join(lines)
 
 

@@ -83,7 +83,9 @@ class PipelineConfig:
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
         if self.scales is not None and not all(0 < s <= 4 for s in self.scales):
-            raise ValueError(f"scales must be fractions of the trained update in (0, 4], e.g. 1,0.5; not {self.scales}")
+            raise ValueError(
+                f"scales must be fractions of the trained update in (0, 4], e.g. 1,0.5; not {self.scales}"
+            )
 
 
 def default_recipe() -> str:

@@ -8,7 +8,8 @@ Every row runs in a fresh process of its own, one after the other, so each peak 
 Rows: ``fp32`` (decoder2vec, PyTorch), ``sentence-transformers`` (the same folder read by sentence-transformers'
 stock Transformer + mean Pooling: causal, plain text), ``int8-torch`` (PyTorch dynamic int8),
 ``onnx-fp32`` and ``onnx-int8`` (onnxruntime; exported once into the cache before the timed rows).
-With ``--adapter``, every decoder2vec row is run again with the trained adapters merged (``trained-*``).
+With ``--adapter``, every decoder2vec row is run again with the trained adapters merged (``trained-*``), and
+``trained-fp32-live-adapter`` runs the last adapter unmerged (PEFT's LoRA layers), as loading did before merging.
 Targets (issue 13): int8 >= 1.8x fp32 with STS-B within 1 point; ONNX fp32 >= 1.0x fp32.
 
     python bench/encode.py [--model smollm2-135m] [--threads 2] [--adapter DIR ...] [--limit N] [--output FILE]
@@ -33,7 +34,9 @@ ROWS = {  # row -> Encoder.from_pretrained options (None: sentence-transformers)
     "int8-torch": {"quantize": "int8", "backend": "torch"},
     "onnx-fp32": {"backend": "onnx"},
     "onnx-int8": {"quantize": "int8", "backend": "onnx"},
+    "fp32-live-adapter": {"backend": "torch", "merge_adapters": False},  # trained only: the adapter unmerged
 }
+TRAINED_ONLY = {"fp32-live-adapter"}
 
 
 def matmul_peak_gflops(size: int = 2048, seconds: float = 3.0) -> float:
@@ -200,7 +203,8 @@ def main() -> None:
         print(json.dumps(run_row(args)))
         return
 
-    rows = list(args.rows) + ([f"trained-{r}" for r in args.rows if ROWS[r] is not None] if args.adapter else [])
+    rows = [r for r in args.rows if r not in TRAINED_ONLY]
+    rows += [f"trained-{r}" for r in args.rows if ROWS[r] is not None] if args.adapter else []
     torch.set_num_threads(args.threads)
     peak = matmul_peak_gflops()
     lines = [

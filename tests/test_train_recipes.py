@@ -94,6 +94,10 @@ def test_pipeline_config_lists():
     assert config.seeds == [0, 1, 2] and config.stages == ["mntp", "simcse"]
     with pytest.raises(ValueError, match="seeds"):
         PipelineConfig(seeds="a,b")
+    assert PipelineConfig(baseline_tasks="none").baseline_tasks == []  # skip scoring the untrained model
+    assert PipelineConfig(scales="1,0.5").scales == [1.0, 0.5]
+    with pytest.raises(ValueError, match="scales must be fractions"):
+        PipelineConfig(scales="1,0")
 
 
 def test_summary_and_table():

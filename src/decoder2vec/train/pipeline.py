@@ -50,7 +50,7 @@ class PipelineConfig:
     select_task: str = option("stsb-dev", help="task that chooses among scales (a dev set, never a test set)")
     eval_tasks: list[str] | None = option(None, help="tasks scored after training (default: stsb = STS-B test)")
     baseline_tasks: list[str] | None = option(
-        None, help="tasks the untrained model is scored on (default: eval_tasks)"
+        None, help="tasks the untrained model is scored on (default: eval_tasks; none: skip)"
     )
     instruction: str | None = option("", help="instruction for every evaluation task ('' none, None task defaults)")
     causal_baseline: bool = option(False, help="also score the untrained model with causal attention")
@@ -72,10 +72,13 @@ class PipelineConfig:
             ("baseline_tasks", str),
         ):
             value = getattr(self, name)
-            if value is None:
+            if value is None or (name == "baseline_tasks" and value == []):  # [] (none): skip the untrained model
                 continue
             items = [value] if isinstance(value, str | int) else list(value)
             parts = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+            if name == "baseline_tasks" and parts == ["none"]:
+                self.baseline_tasks = []
+                continue
             try:
                 setattr(self, name, [kind(p) for p in parts])
             except ValueError:
@@ -177,14 +180,15 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
         )
         return scores
 
-    baseline_tasks = config.baseline_tasks or config.eval_tasks
-    if config.causal_baseline:
+    baseline_tasks = config.eval_tasks if config.baseline_tasks is None else config.baseline_tasks
+    if config.causal_baseline and baseline_tasks:
         causal = Encoder.from_pretrained(config.model, bidirectional=False)
         results["untrained"]["causal"] = scored("untrained, causal", causal, baseline_tasks)
         del causal
-    results["untrained"]["bidirectional"] = scored(
-        "untrained, bidirectional", Encoder.from_pretrained(config.model), baseline_tasks
-    )
+    if baseline_tasks:
+        results["untrained"]["bidirectional"] = scored(
+            "untrained, bidirectional", Encoder.from_pretrained(config.model), baseline_tasks
+        )
 
     for seed in config.seeds:
         run_started = time.perf_counter()

@@ -91,6 +91,37 @@ def _run_log(run):
     return json.loads((Path(run) / "log.json").read_text())["steps"]
 
 
+def test_lora_on_the_top_layers_only(tiny_llama_dir, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from decoder2vec.train.run import _add_lora
+
+    config = SimCSEConfig(
+        model=str(tiny_llama_dir), data=[str(text_file)], output_dir=str(tmp_path / "top"), steps=2, batch_size=4,
+        max_seq_length=16, progress=False, lora_layers=1,
+    )  # fmt: skip
+    result = train(config)
+    names = load_file(result.run_dir / "adapter_model.safetensors")
+    assert names and all(".layers.1." in name for name in names)  # the tiny model has layers 0 and 1
+    # nothing below the adapted layer needs a gradient, so backward stops there
+    encoder = Encoder.from_pretrained(tiny_llama_dir, device="cpu")
+    encoder.model = _add_lora(encoder.model, config)
+    needs_grad = {}
+    for index, layer in enumerate(encoder.backbone.layers):
+        layer.register_forward_hook(lambda m, a, out, i=index: _record(needs_grad, i, out))
+    encoder.train()
+    encoder(encoder.collate(encoder.tokenize(TEXTS[:2])))
+    assert needs_grad == {0: False, 1: True}
+    with pytest.raises(ValueError, match="lora_layers 3 exceeds the model's 2 decoder layers"):
+        _add_lora(Encoder.from_pretrained(tiny_llama_dir, device="cpu").model, SimCSEConfig(lora_layers=3))
+    with pytest.raises(ValueError, match="lora_layers must be an integer >= 1"):
+        SimCSEConfig(lora_layers=0)
+
+
+def _record(needs_grad: dict, index: int, output) -> None:  # a forward hook that returns None keeps the output
+    needs_grad[index] = (output[0] if isinstance(output, tuple) else output).requires_grad
+
+
 def test_resume_after_sigkill_continues_where_it_stopped(tiny_llama_dir, text_file, tmp_path):
     steps = 14
     config = _mntp(tiny_llama_dir, text_file, tmp_path / "killed", steps=steps, step_delay=0.25, lora_dropout=0.1)

@@ -53,6 +53,9 @@ class TrainConfig:
     lora_target_modules: list[str] | None = option(
         None, help="module names to adapt (default: every linear layer of attention and MLP)"
     )
+    lora_layers: int | None = option(
+        None, help="adapt only the top N decoder layers: backward stops below them (default: every layer)"
+    )
     # run folder
     output_dir: str = option("runs/train", help="run folder: adapter, checkpoints, config, log, loss curve")
     checkpoint_every: int = option(50, help="write a checkpoint every N steps (and at the end)")
@@ -78,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, not {self.learning_rate}")
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, not {self.lora_r}")
+        if self.lora_layers is not None and (not isinstance(self.lora_layers, int) or self.lora_layers < 1):
+            raise ValueError(f"lora_layers must be an integer >= 1 (the top N layers), not {self.lora_layers!r}")
         for name in ("lora_dropout",):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), not {getattr(self, name)}")

@@ -177,11 +177,24 @@ def _add_lora(model, config: TrainConfig):
         model = model.merge_and_unload()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = model.config.get_text_config().num_hidden_layers
+    if config.lora_layers is not None and config.lora_layers > layers:
+        raise ValueError(f"lora_layers {config.lora_layers} exceeds the model's {layers} decoder layers")
+    targets = config.lora_target_modules or "all-linear"  # every linear layer but the LM head
+    top = None
+    if config.lora_layers is not None:  # below the lowest adapted layer nothing needs a gradient: backward stops
+        top = list(range(layers - config.lora_layers, layers))
+        if isinstance(targets, str):  # peft takes a layer range only with module names: those of "all-linear"
+            targets = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+                - {"lm_head"}
+            )
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules or "all-linear",  # every linear layer but the LM head
+        target_modules=targets,
+        layers_to_transform=top,
         bias="none",
     )
     with warnings.catch_warnings():  # peft reads `is_gradient_checkpointing`, which transformers 5 deprecates

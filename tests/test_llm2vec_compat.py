@@ -51,7 +51,7 @@ def _reference(pristine, base, simcse_dir, config: EncoderConfig) -> np.ndarray:
 
 def test_loads_base_merges_mntp_keeps_second_adapter_and_reads_pooling(llm2vec_checkpoint):
     base, simcse_dir, pristine = llm2vec_checkpoint
-    encoder = Encoder.from_pretrained(base, adapter=simcse_dir, device="cpu")
+    encoder = Encoder.from_pretrained(base, adapter=simcse_dir, device="cpu", merge_adapters=False)
     assert encoder.config.pooling == "weighted_mean"
     assert encoder.config.max_length == 48
     assert encoder.config.bidirectional is True
@@ -60,8 +60,9 @@ def test_loads_base_merges_mntp_keeps_second_adapter_and_reads_pooling(llm2vec_c
     got = encoder.encode(TEXTS)
     np.testing.assert_allclose(got, _reference(pristine, base, simcse_dir, encoder.config), atol=1e-5)
 
-    plain = Encoder.from_pretrained(base, adapter=simcse_dir, device="cpu", pooling="weighted_mean")
-    np.testing.assert_allclose(plain.encode(TEXTS), got, atol=1e-6)  # loading twice gives the same model
+    merged = Encoder.from_pretrained(base, adapter=simcse_dir, device="cpu", pooling="weighted_mean")
+    assert not isinstance(merged.model, PeftModel)  # by default the SimCSE adapter is merged too
+    np.testing.assert_allclose(merged.encode(TEXTS), got, atol=1e-5)  # the same vectors, live or merged
 
 
 def test_mntp_adapter_is_really_merged(llm2vec_checkpoint):

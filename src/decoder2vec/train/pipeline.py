@@ -72,11 +72,11 @@ class PipelineConfig:
             ("baseline_tasks", str),
         ):
             value = getattr(self, name)
-            if value is None or (name == "baseline_tasks" and value == []):  # [] (none): skip the untrained model
+            if value is None:
                 continue
             items = [value] if isinstance(value, str | int) else list(value)
             parts = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
-            if name == "baseline_tasks" and parts == ["none"]:
+            if name == "baseline_tasks" and parts in ([], ["none"]):  # none: skip the untrained model
                 self.baseline_tasks = []
                 continue
             try:
@@ -236,7 +236,9 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
                 del encoder
             best = max(config.scales, key=lambda s: row["scale_scores"][f"{s:g}"])  # the first of equals
             row["scale"] = best
-            final = str(average_adapters(sources, seed_dir / "final", scale=best))
+            final = str(seed_dir / "final")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(seed_dir / f"scale-{best:g}", final)  # the candidate already written, kept
             for scale in config.scales:
                 shutil.rmtree(seed_dir / f"scale-{scale:g}", ignore_errors=True)
         elif config.scales != [1.0] or len(sources) > 1:

@@ -1,11 +1,22 @@
 """Encoder.from_pretrained(quantize="int8"): close to float32, bidirectional, every pooling mode, batch invariance."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from decoder2vec import Encoder
 from decoder2vec.cli import main
+from decoder2vec.int8 import (
+    INT8_CALIBRATION_TEXTS,
+    INT8_PROBE_TEXTS,
+    Int8Linear,
+    input_peaks,
+    quantize_dynamic_int8,
+    smoothed_linear,
+    smoothing_scales,
+)
 from tiny import make_model_dir
 
 TEXTS = [
@@ -47,8 +58,10 @@ def test_torch_int8_is_close_to_float32_for_every_pooling(tmp_path, model_type):
         fp32 = Encoder.from_pretrained(model, pooling=pooling, device="cpu")
         int8 = Encoder.from_pretrained(model, pooling=pooling, quantize="int8", backend="torch")
         assert int8.backend == "torch" and int8.quantize == "int8"
-        layer = int8.backbone.layers[0].self_attn.q_proj
-        assert type(layer).__module__.startswith("torch.ao.nn.quantized.dynamic"), type(layer)
+        layer = int8.backbone.layers[0].self_attn.q_proj  # smoothed, then PyTorch's int8 with per-channel weights
+        assert isinstance(layer, Int8Linear) and bool((layer.inverse_scales != 1).any())
+        assert type(layer.inner).__module__.startswith("torch.ao.nn.quantized.dynamic"), type(layer.inner)
+        assert layer.inner.weight().q_per_channel_scales().numel() == layer.inner.out_features
         assert _min_cosine(int8.encode(TEXTS), fp32.encode(TEXTS)) >= 0.99, pooling
 
 
@@ -109,11 +122,11 @@ def test_int8_refuses_a_model_it_would_move_too_far(tmp_path, monkeypatch):
     folder = make_model_dir(tmp_path / "model", "llama")
     quantize = model_module.quantize_dynamic_int8
 
-    def coarse(model, kind="int8"):  # int8 as it goes on a sensitive model: here, one layer's weights scrambled
+    def coarse(model, *args, **kwargs):  # int8 as it goes on a sensitive model: here, one layer's weights scrambled
         with torch.no_grad():
             layer = model.base_model.layers[-1].mlp.down_proj
             layer.weight.mul_(1e3)
-        return quantize(model, kind)
+        return quantize(model, *args, **kwargs)
 
     monkeypatch.setattr(model_module, "quantize_dynamic_int8", coarse)
     with pytest.raises(model_module.QuantizationError, match=r"cosine of only .*float32.*docs/inference.md"):
@@ -128,3 +141,86 @@ def test_cli_encode_with_quantize(tmp_path):
     assert main([*args, "--quantize", "int8", "--backend", "torch"]) == 0
     fp32 = Encoder.from_pretrained(model, device="cpu").encode(TEXTS[:4])
     assert _min_cosine(np.load(tmp_path / "v.npy"), fp32) >= 0.99
+
+
+def _one_layer(linear: torch.nn.Linear) -> torch.nn.Module:
+    """A stand-in for a causal LM: quantize_dynamic_int8 quantizes the linear layers of ``.base_model``."""
+    holder = torch.nn.Module()
+    holder.base_model = torch.nn.Sequential(copy.deepcopy(linear))
+    return holder
+
+
+def _outlier_inputs() -> tuple[torch.nn.Linear, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(4, 10, 64)  # (batch, tokens, in)
+    x[..., 3] *= 80  # one outlier channel, as the inputs of a decoder's down_proj have
+    x[..., 17] *= 30
+    return torch.nn.Linear(64, 48), x
+
+
+def test_smoothing_is_exact_in_float():
+    """W * s applied to x / s is the original linear layer: smoothing only moves range between the operands."""
+    linear, x = _outlier_inputs()
+    peaks = input_peaks(torch.nn.Sequential(linear), lambda: linear(x))["0"]
+    assert torch.equal(peaks, x.abs().amax(dim=(0, 1)))  # max |x_j| over every token
+    for alpha in (0.0, 0.5, 0.65, 1.0):
+        scales = smoothing_scales(peaks, linear.weight, alpha)
+        assert scales.shape == (64,) and bool(torch.isfinite(scales).all())
+        with torch.no_grad():
+            assert torch.allclose(smoothed_linear(linear, scales)(x / scales), linear(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="alpha"):
+        smoothing_scales(peaks, linear.weight, 1.5)
+
+
+def _relative_error(layer: torch.nn.Module, linear: torch.nn.Linear, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        exact = linear(x)
+        return float((layer(x) - exact).norm() / exact.norm())
+
+
+def test_smoothing_and_token_scales_cut_int8_error_on_activation_outliers():
+    from torch.ao.quantization import quantize_dynamic
+
+    linear, x = _outlier_inputs()
+    torch_int8 = quantize_dynamic(_one_layer(linear).base_model, {torch.nn.Linear}, dtype=torch.qint8)
+    plain = quantize_dynamic_int8(_one_layer(linear)).base_model  # token scales and 8-bit activations only
+    layer = _one_layer(linear)
+    peaks = input_peaks(layer.base_model, lambda: layer.base_model(x))
+    smoothed = quantize_dynamic_int8(layer, input_peaks=peaks).base_model
+    assert isinstance(smoothed[0], Int8Linear) and isinstance(plain[0], Int8Linear)
+    error = {
+        name: _relative_error(m, linear, x)
+        for name, m in [("torch", torch_int8), ("plain", plain), ("smooth", smoothed)]
+    }
+    assert error["smooth"] < error["plain"] < 0.5 * error["torch"], error
+    assert error["smooth"] < 0.02, error
+    with pytest.raises(ValueError, match="no calibrated input peaks"):
+        quantize_dynamic_int8(_one_layer(linear), input_peaks={})
+
+
+def test_int8_linear_does_not_saturate_without_vnni():
+    """8-bit activations with 8-bit weights overflow the int16 pair sums of AVX2's kernel; 7-bit weights do not."""
+    linear = torch.nn.Linear(256, 16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(16, 128).sign().repeat_interleave(2, dim=1))  # pairs at the extremes
+    x = torch.ones(8, 256)
+    x[:, 0] = -1  # so the activations' zero point sits low and the other values near 255
+    assert _relative_error(Int8Linear(linear), linear, x) < 0.01
+
+
+def test_int8_linear_is_close_with_and_without_bias_and_per_token():
+    """A text's vector no longer depends on how large another text's activations are in the same batch."""
+    linear, x = _outlier_inputs()
+    layer = Int8Linear(linear, smoothing_scales(x.abs().amax(dim=(0, 1)), linear.weight))
+    assert _relative_error(layer, linear, x) < 0.02
+    loud = torch.cat([x[:1], 1000 * x[1:2]])  # a second row a thousand times larger
+    with torch.no_grad():
+        assert torch.allclose(layer(loud)[0], layer(x[:1])[0], rtol=0.02, atol=0.02 * float(layer(x[:1]).abs().max()))
+    no_bias = torch.nn.Linear(64, 48, bias=False)
+    assert _relative_error(Int8Linear(no_bias), no_bias, x) < 0.1
+
+
+def test_int8_is_calibrated_on_texts_apart_from_the_probe_texts():
+    """The probe check would prove nothing if the scales had been fitted on the probe texts themselves."""
+    assert not set(INT8_CALIBRATION_TEXTS) & set(INT8_PROBE_TEXTS)
+    assert not set(INT8_CALIBRATION_TEXTS) & set(TEXTS)

@@ -21,8 +21,17 @@ from tqdm.auto import tqdm
 
 from .attention import ARCHITECTURES, ArchitectureSupport, check_bidirectional, set_bidirectional
 from .config import option, save_config
-from .eval.common import cosine_scores
 from .inputs import TextInput, TextPrompt, normalize_inputs, pad_batch, resolve_prompt, tokenize
+from .int8 import (  # int8 names are still importable from here; from_pretrained reads them from this module
+    INT8_CALIBRATION_TEXTS,
+    INT8_MIN_COSINE,  # noqa: F401
+    INT8_PROBE_TEXTS,
+    QUANTIZATIONS,
+    QuantizationError,  # noqa: F401
+    check_int8,
+    input_peaks,
+    quantize_dynamic_int8,
+)
 from .llm2vec_compat import detect_llm2vec_checkpoint
 from .pooling import POOLING_MODES, pool
 from .sources import ModelSourceError, resolve_source
@@ -169,9 +178,12 @@ class Encoder(torch.nn.Module):
         encoder = cls(model.to(device), tokenizer, config, source=os.fspath(source))
         encoder.adapters = adapters  # the folders loaded, in order (a model card lists their training stages)
         encoder.verify_attention()  # in float, before any quantization (see verify_attention)
-        if quantize is not None:
+        if quantize is not None:  # smoothing calibrated on some texts, proven on others (decoder2vec.int8)
+            if hasattr(encoder.model, "merge_and_unload"):
+                encoder.model = encoder.model.merge_and_unload()
             float_vectors = encoder.encode(INT8_PROBE_TEXTS, batch_size=3, show_progress=False)
-            encoder.model, encoder.quantize = quantize_dynamic_int8(encoder.model, quantize), quantize
+            peaks = input_peaks(encoder.backbone, lambda: encoder.encode(INT8_CALIBRATION_TEXTS, show_progress=False))
+            encoder.model, encoder.quantize = quantize_dynamic_int8(encoder.model, quantize, peaks), quantize
             int8_vectors = encoder.encode(INT8_PROBE_TEXTS, batch_size=3, show_progress=False)
             check_int8(float_vectors, int8_vectors, "PyTorch's dynamic int8")
         return encoder.eval()
@@ -363,7 +375,6 @@ def _encode_batches(encoder: Encoder, batches, features, out: torch.Tensor, prog
 
 
 BACKENDS = ("torch", "onnx")
-QUANTIZATIONS = ("int8",)
 
 
 def _choose_backend(backend: str | None, resolved: str, quantize: str | None) -> str:
@@ -380,55 +391,6 @@ def _choose_backend(backend: str | None, resolved: str, quantize: str | None) ->
     if backend is None:
         backend = "onnx" if onnx_folder or quantize is not None else "torch"
     return backend
-
-
-# an int8 encoder must keep every probe vector this close (cosine) to its float32 one (issue 13's bound)
-INT8_MIN_COSINE = 0.99
-INT8_PROBE_TEXTS = [
-    "A man is playing a guitar.",
-    "Unusual characters: tab\there, emoji 🙂, accents éàü, symbols <s> </s> [SEP].",
-    "The president gave a long speech about the economy, jobs, and taxes to a large crowd.",
-    "Two dogs run.",
-    "",
-    "x",
-]
-
-
-class QuantizationError(ValueError):
-    """int8 moves this model's vectors too far from its float32 ones."""
-
-
-def check_int8(float_vectors: np.ndarray, int8_vectors: np.ndarray, what: str) -> float:
-    """The smallest cosine between the int8 and float32 probe vectors; raises below :data:`INT8_MIN_COSINE`."""
-    cosine = float(cosine_scores(int8_vectors, float_vectors).min())
-    if cosine < INT8_MIN_COSINE:
-        raise QuantizationError(
-            f"{what} moves this model's vectors too far: a cosine of only {cosine:.4f} with its float32 vectors on "
-            f"probe texts (required {INT8_MIN_COSINE}). Some models (SmolLM2 with bidirectional attention among "
-            "them) are too sensitive to per-tensor int8 rounding; run this one in float32 (an fp32 ONNX export "
-            "is the faster CPU path) and see docs/inference.md"
-        )
-    return cosine
-
-
-def quantize_dynamic_int8(model: torch.nn.Module, quantize: str = "int8") -> torch.nn.Module:
-    """PyTorch's dynamic int8 (x86/fbgemm engine) for every linear layer of the decoder; adapters merged first.
-
-    Weights become int8 per tensor; activations are quantized per batch at run time. The LM head is left
-    out: encoding never runs it, and for tied embeddings an int8 copy would add memory instead of saving it.
-    """
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}")
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        quantize_dynamic(model.base_model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-    return model
 
 
 def _default_device() -> torch.device:

@@ -8,9 +8,17 @@ alternating for ``--rounds`` rounds (so a shared machine's load hits both alike)
   reading each shard, encoding, writing Parquet, the manifest; ratio embed / encode (target >= 0.95).
 
 Then ``--workers 2`` with 1 thread each against 1 worker with ``--threads`` threads (fresh processes: model
-loads included), ``--engine ray`` on a local Ray cluster against local (target: <= 15 % slower; ``ray.init``
-not counted, the actor's and the settings task's model loads counted), and the peak RSS of ``embed`` in a
-fresh process at ``--rows`` and at a tenth of them (memory bounded by the shard, not the corpus).
+loads included), ``--engine ray`` on a local Ray cluster against local (target: <= 15 % slower), measured two
+ways:
+
+* in this process, as before: ``embed_corpus`` with a fresh model load (this process has torch and transformers
+  imported already), against ``engine="ray"`` (``ray.init`` not counted; the actor is a new process: its
+  imports and model load are counted);
+* as commands: ``decoder2vec embed`` started as a new process for each engine (``--engine ray --address`` the
+  running cluster), timed from start to exit, so both pay their imports and model load.
+
+Last, the peak RSS of ``embed`` in a fresh process at ``--rows`` and at a tenth of them (memory bounded by the
+shard, not the corpus).
 
     python bench/embed.py --model smollm2-135m --rows 50000 [--threads 2] [--max-length 128]
     python bench/embed.py --model tiny --rows 50000      # a tiny random Llama: the pipeline's own overhead
@@ -64,6 +72,19 @@ def model_folder(name: str, root: Path) -> str:
     return str(make_model_dir(root / "tiny-llama", "llama"))
 
 
+def timed_command(corpus, out, folder, args, *extra) -> float:
+    """Seconds of ``decoder2vec embed`` in a new process, from its start to its exit."""
+    command = [sys.executable, "-m", "decoder2vec.cli", "embed", str(corpus), "-o", str(out), "--model", folder,
+               "--text-field", "text", "--id-field", "id", "--max-length", str(args.max_length), "--threads",
+               str(args.threads), "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size),
+               "--overwrite", *extra]  # fmt: skip
+    start = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    assert run.returncode == 0 and json.loads(run.stdout.splitlines()[-1])["complete"], run.stderr[-3000:]
+    return seconds
+
+
 def timed_embed(corpus, out, **options) -> float:
     start = time.perf_counter()
     manifest = embed_corpus(corpus, out, text_field="text", id_field="id", progress=False, overwrite=True, **options)
@@ -80,7 +101,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--skip", nargs="*", default=[], help="any of: workers ray rss")
+    parser.add_argument("--skip", nargs="*", default=[], help="any of: workers ray commands rss")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench-embed-"))
@@ -137,13 +158,23 @@ def main() -> None:
         )
         local_again = timed_embed(corpus, root / "out-local-3", workers=1, threads=args.threads, **options)
         local = (local + local_again) / 2
-        ray.shutdown()
         results.update(local_rows_s=args.rows / local, ray_rows_s=args.rows / on_ray, ray_overhead=on_ray / local - 1)
         results.update(ray_again_rows_s=args.rows / on_ray_again, ray_again_overhead=on_ray_again / local - 1)
         print(f"local (fresh model load, mean of 2): {args.rows / local:.1f} rows/s; ray (1 actor x {args.threads} "
               f"threads): {args.rows / on_ray:.1f} rows/s; overhead {100 * (on_ray / local - 1):+.1f}% (target <= 15%)")  # fmt: skip
-        print(f"ray, a second job on the same cluster (its worker processes reused): {args.rows / on_ray_again:.1f} "
-              f"rows/s; overhead {100 * (on_ray_again / local - 1):+.1f}%")  # fmt: skip
+        print(f"ray, a second job on the same cluster: {args.rows / on_ray_again:.1f} rows/s; overhead "
+              f"{100 * (on_ray_again / local - 1):+.1f}%")  # fmt: skip
+        if "commands" not in args.skip:  # the commands a user runs, each a new process (Ray's joins the cluster)
+            address = ray.get_runtime_context().gcs_address
+            command_local = timed_command(corpus, root / "out-cmd-local", folder, args)
+            command_ray = timed_command(
+                corpus, root / "out-cmd-ray", folder, args, "--engine", "ray", "--address", address
+            )
+            overhead = command_ray / command_local - 1
+            results.update(command_local_s=command_local, command_ray_s=command_ray, command_ray_overhead=overhead)
+            print(f"as commands, start to exit: decoder2vec embed {command_local:.1f} s, --engine ray "
+                  f"{command_ray:.1f} s; overhead {100 * overhead:+.1f}% (target <= 15%)")  # fmt: skip
+        ray.shutdown()
 
     if "rss" not in args.skip:
         peaks = {}

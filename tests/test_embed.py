@@ -186,6 +186,46 @@ def test_rerun_skips_finished_shards_redoes_damaged_ones_and_refuses_other_setti
     assert read_manifest(tmp_path / "out")["planned_shards"] == 7
 
 
+def test_a_failed_write_stops_the_run_with_the_shards_before_it_recorded(encoder, tmp_path, monkeypatch):
+    # the helper thread writes shard k while the model encodes shard k+1: its error must still stop the run
+    import decoder2vec.embed as embed_module
+
+    path = _write(tmp_path / "c.txt", "text", TEXTS)
+    write = embed_module.write_parquet_atomic
+
+    def disk_full_at_shard_2(table, target):
+        if target.name == "shard-00002.parquet":
+            raise OSError("disk full")
+        return write(table, target)
+
+    monkeypatch.setattr(embed_module, "write_parquet_atomic", disk_full_at_shard_2)
+    with pytest.raises(OSError, match="disk full"):
+        embed_corpus(path, tmp_path / "out", encoder=encoder, shard_size=5)
+    assert [r["index"] for r in read_manifest(tmp_path / "out")["shards"]] == [0, 1]
+    monkeypatch.undo()
+    assert embed_corpus(path, tmp_path / "out", encoder=encoder, shard_size=5)["complete"]
+    np.testing.assert_allclose(_vectors(read_embeddings(tmp_path / "out")), encoder.encode(TEXTS), atol=1e-5)
+
+
+def test_one_embedder_called_from_two_threads_gives_the_plain_vectors(encoder, tmp_path):
+    # how a Ray actor runs it: two shards at a time, the tokenizer and the model each used by one call at a time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from decoder2vec.embed import EmbedSettings, ShardEmbedder, list_inputs, plan_shards
+
+    path = _write(tmp_path / "c.jsonl", "jsonl", TEXTS)
+    settings = EmbedSettings(text_field="body", id_field="id", shard_size=4, batch_size=3)
+    shards = plan_shards(list_inputs(path), settings)
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    embedder = ShardEmbedder(encoder, settings, tmp_path / "out")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        records = list(pool.map(embedder, shards))
+    assert [r["rows"] for r in records] == [s.rows for s in shards]
+    table = pa.concat_tables([pq.read_table(tmp_path / "out" / r["file"]) for r in records])
+    assert table.column("id").to_pylist() == [f"doc-{i}" for i in range(len(TEXTS))]
+    np.testing.assert_allclose(_vectors(table), encoder.encode(TEXTS), atol=1e-5)
+
+
 # VmHWM is this process's own peak RSS; ru_maxrss is not: it keeps the pytest process's peak across fork and exec
 _RUN = """
 import re, sys, torch

@@ -18,7 +18,9 @@ How a run goes:
    shards it lists whose file is intact (same size and sha256) are kept, the others are embedded.
 3. **Embed** each pending shard: read its rows from its start offset, sort them by token length, encode in
    batches, write the vectors back in input order to a hidden temporary file, rename it, then record the shard
-   in the manifest (rewritten atomically). Memory holds one shard per worker, whatever the corpus size.
+   in the manifest (rewritten atomically). A helper thread reads the next shard and writes the previous one
+   while the model encodes (:class:`ShardEmbedder`), so memory holds at most three shards per worker, whatever
+   the corpus size.
 
 Parallelism: ``workers=1`` runs in the calling process; ``workers=N`` starts N processes that each load the
 encoder and read, embed and write whole shards (CPU: the torch threads are split between them; CUDA: one
@@ -41,7 +43,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -387,12 +389,12 @@ def _extract(record: tuple, settings: EmbedSettings) -> tuple[Any, str]:
     if kind == "text":
         text, row_id = _decode(_strip_newline(record[1])), None
     elif kind == "json":
-        line = _decode(_strip_newline(record[1]))
-        if not line.strip():
-            raise _Bad("empty line")
+        line = _decode(record[1])  # its line end is whitespace to JSON
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as error:
+            if not line.strip():
+                raise _Bad("empty line") from None
             raise _Bad(f"not valid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(obj, dict):
             raise _Bad(f"a JSON {type(obj).__name__}, not an object")
@@ -466,7 +468,6 @@ def plan_shards(files: list[InputFile], settings: EmbedSettings) -> list[Shard]:
     for file in files:
         current = None
         for start, number, record in _READERS[file.format](file, 0, 1, settings):
-            where = _where(file.format, number)
             if current is None or current.rows == settings.shard_size:
                 current = Shard(len(shards), file.path, file.format, start, number, row, 0)
                 shards.append(current)
@@ -477,7 +478,8 @@ def plan_shards(files: list[InputFile], settings: EmbedSettings) -> list[Shard]:
             except _Bad as bad:
                 if not settings.skip_bad_rows:
                     raise CorpusError(
-                        f"{file.path} {where}: {bad}. Fix the row, or pass --skip-bad-rows to leave bad rows out"
+                        f"{file.path} {_where(file.format, number)}: {bad}. "
+                        "Fix the row, or pass --skip-bad-rows to leave bad rows out"
                     ) from None
                 current.bad_rows += 1
                 continue
@@ -485,6 +487,7 @@ def plan_shards(files: list[InputFile], settings: EmbedSettings) -> list[Shard]:
             if id_kind is None:
                 id_kind = kind
             elif kind != id_kind:
+                where = _where(file.format, number)
                 raise CorpusError(f"{file.path} {where}: id {row_id!r} is a {kind}, earlier ids are {id_kind}s")
     if not shards:
         raise CorpusError(f"input {', '.join(f.path for f in files)} holds no rows")
@@ -500,14 +503,13 @@ def read_shard(shard: Shard, settings: EmbedSettings) -> tuple[list, list[str]]:
     for _, number, record in _READERS[file.format](file, shard.start, shard.line, settings):
         if seen == shard.rows:
             break
-        where = _where(file.format, number)
         row = shard.first_row + seen
         seen += 1
         try:
             row_id, text = _extract(record, settings)
         except _Bad as bad_row:
             if not settings.skip_bad_rows:
-                raise CorpusError(f"{file.path} {where}: {bad_row}") from None
+                raise CorpusError(f"{file.path} {_where(file.format, number)}: {bad_row}") from None
             bad += 1
             continue
         ids.append(row if row_id is None else row_id)
@@ -518,13 +520,12 @@ def read_shard(shard: Shard, settings: EmbedSettings) -> tuple[list, list[str]]:
 
 
 # ---------------------------------------------------------------------- one shard: encode and write
-def encode_texts(encoder, texts: list[str], settings: EmbedSettings, on_rows=None) -> np.ndarray:
-    """Texts -> vectors in input order, encoded in batches of similar token length (longest first)."""
+def encode_features(encoder, features: list, settings: EmbedSettings, on_rows=None) -> np.ndarray:
+    """Tokenized texts -> vectors in input order, encoded in batches of similar token length (longest first)."""
     import torch
 
     from .vectors import postprocess
 
-    features = encoder.tokenize(texts, settings.instruction)
     order = sorted(range(len(features)), key=lambda i: -len(features[i].input_ids))
     out = torch.empty(len(features), encoder.dim, dtype=torch.float32)
     with torch.inference_mode():
@@ -572,13 +573,85 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def embed_shard(encoder, shard: Shard, settings: EmbedSettings, out_dir: Path, on_rows=None) -> dict:
-    ids, texts = read_shard(shard, settings)
-    vectors = encode_texts(encoder, texts, settings, on_rows)
-    table = embeddings_table(ids, texts if settings.store_text else None, vectors, shard.id_kind)
-    record = write_parquet_atomic(table, out_dir / SHARDS_DIR / shard.name)
-    return {"index": shard.index, "file": f"{SHARDS_DIR}/{shard.name}", "first_row": shard.first_row,
-            "input_rows": shard.rows, "skipped_rows": shard.bad_rows, **record}  # fmt: skip
+class ShardEmbedder:
+    """Reads, encodes and writes whole shards with one loaded encoder; every engine's worker is one of these.
+
+    A shard goes through three steps: :meth:`read` (its rows, tokenized), :meth:`encode` (the model),
+    :meth:`write` (Parquet under a temporary name, fsync, sha256, rename). Steps of different shards may run in
+    different threads at once (:meth:`run`, or a Ray actor taking two calls at a time): the tokenizer and the
+    model are each used by one thread at a time, so one shard's reading and writing overlap another's encoding
+    while every shard's vectors are those of a plain run.
+    """
+
+    def __init__(self, encoder, settings: EmbedSettings, out_dir: str | os.PathLike):
+        import threading
+
+        self.encoder = encoder
+        self.settings = settings
+        self.out_dir = Path(out_dir)
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer fails if two threads set its truncation at once
+        self._model_lock = threading.Lock()  # one forward pass at a time: each has all the torch threads
+
+    def read(self, shard: Shard) -> tuple[list, list[str], list]:
+        """(ids, texts, tokenized texts) of the shard's good rows, in input order."""
+        ids, texts = read_shard(shard, self.settings)
+        with self._tokenizer_lock:
+            features = self.encoder.tokenize(texts, self.settings.instruction)
+        return ids, texts, features
+
+    def encode(self, features: list, on_rows=None) -> np.ndarray:
+        with self._model_lock:
+            return encode_features(self.encoder, features, self.settings, on_rows)
+
+    def write(self, shard: Shard, ids: list, texts: list[str], vectors: np.ndarray) -> dict:
+        """Write the shard's file atomically; return its manifest record."""
+        table = embeddings_table(ids, texts if self.settings.store_text else None, vectors, shard.id_kind)
+        record = write_parquet_atomic(table, self.out_dir / SHARDS_DIR / shard.name)
+        return {"index": shard.index, "file": f"{SHARDS_DIR}/{shard.name}", "first_row": shard.first_row,
+                "input_rows": shard.rows, "skipped_rows": shard.bad_rows, **record}  # fmt: skip
+
+    def __call__(self, shard: Shard, on_rows=None) -> dict:
+        """Embed one shard (read, encode, write); return its manifest record."""
+        ids, texts, features = self.read(shard)
+        vectors = self.encode(features, on_rows)
+        del features
+        return self.write(shard, ids, texts, vectors)
+
+    def run(self, shards: Iterable[Shard], on_shard, on_rows=None) -> None:
+        """Embed ``shards`` in order; ``on_shard(record)`` is called once each shard's file is in place.
+
+        The model runs in the calling thread (an interrupt stops it at once); one helper thread reads and
+        tokenizes the next shard and writes the previous one meanwhile, and calls ``on_shard``. Memory holds at
+        most three shards: the one being read, the one being encoded and the one being written.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        shards = iter(shards)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-io") as helper:
+            reading = writing = None
+            try:
+                shard = next(shards, None)
+                if shard is not None:
+                    reading = helper.submit(self.read, shard)
+                while shard is not None:
+                    ids, texts, features = reading.result()
+                    following = next(shards, None)
+                    reading = helper.submit(self.read, following) if following is not None else None
+                    vectors = self.encode(features, on_rows)
+                    del features
+                    if writing is not None:
+                        writing.result()  # the previous shard's write: done by now, or its error raised here
+                    writing = helper.submit(self._write_and_report, shard, ids, texts, vectors, on_shard)
+                    del ids, texts, vectors
+                    shard = following
+                if writing is not None:
+                    writing.result()
+            finally:
+                if reading is not None:
+                    reading.cancel()  # on an error; a write already handed over still finishes
+
+    def _write_and_report(self, shard: Shard, ids: list, texts: list[str], vectors: np.ndarray, on_shard) -> None:
+        on_shard(self.write(shard, ids, texts, vectors))
 
 
 # ---------------------------------------------------------------------- manifest
@@ -736,23 +809,15 @@ def embed_corpus(
         raise ValueError(
             "--id-field needs JSONL, CSV/TSV, Parquet or hf: input; a text file's ids are its line numbers"
         )
-    started = time.perf_counter()
-    shards = plan_shards(files, config)
-    planned_in = time.perf_counter() - started
-    if engine == "ray":
+    if engine == "ray":  # it plans while its actors start
         from .embed_ray import run_ray
 
         return run_ray(
-            spec,
-            shards,
-            files,
-            os.fspath(input),
-            out_dir,
-            config,
-            address=address,
-            overwrite=overwrite,
-            threads=threads,
+            spec, files, os.fspath(input), out_dir, config, address=address, overwrite=overwrite, threads=threads
         )
+    started = time.perf_counter()
+    shards = plan_shards(files, config)
+    planned_in = time.perf_counter() - started
     return _run_local(spec, encoder, shards, files, os.fspath(input), out_dir, config, overwrite, threads, planned_in)
 
 
@@ -775,10 +840,13 @@ def _run_local(spec, encoder, shards, files, source, out_dir, config, overwrite,
         info = _encoder_info(encoder, spec)
         manifest, pending, extra = start_output(info, source, files, out_dir, config, shards, overwrite, "local")
         progress = _progress_bar(sum(s.rows - s.bad_rows for s in pending), config.progress)
+
+        def record(shard: dict) -> None:  # in the embedder's helper thread, once the shard's file is in place
+            manifest["shards"].append(shard)
+            _write_manifest(out_dir, _finish_manifest(manifest, shards, extra))
+
         try:
-            for shard in pending:
-                manifest["shards"].append(embed_shard(encoder, shard, config, out_dir, progress.update))
-                _write_manifest(out_dir, _finish_manifest(manifest, shards, extra))
+            ShardEmbedder(encoder, config, out_dir).run(pending, record, progress.update)
         finally:
             progress.close()
     else:
@@ -915,10 +983,11 @@ def _worker_main(spec: dict, settings: dict, out_dir: str, device, threads: int,
         config = EmbedSettings(**settings)
         encoder = encoder_spec.load(device)
         results.put(("ready", _encoder_info(encoder, encoder_spec)))
-        while (task := tasks.get()) is not None:
-            shard = Shard(**task)
-            record = embed_shard(encoder, shard, config, Path(out_dir), lambda n: results.put(("rows", n)))
-            results.put(("shard", record))
+        ShardEmbedder(encoder, config, out_dir).run(
+            (Shard(**task) for task in iter(tasks.get, None)),
+            lambda record: results.put(("shard", record)),
+            lambda rows: results.put(("rows", rows)),
+        )
     except Exception as error:  # reported to the parent, which raises it
         import traceback
 

@@ -1,18 +1,24 @@
-"""``decoder2vec embed --engine ray``: the same shards embedded by a Ray Data pipeline on a cluster.
+"""``decoder2vec embed --engine ray``: the same shards embedded by a pool of Ray actors on a cluster.
 
-The driver plans the shards exactly as the local engine does (:func:`decoder2vec.embed.plan_shards`: one
-streaming pass that checks every row), then runs::
+The driver runs::
 
-    ray.data.from_items(pending shards)                  # one block per shard: where it starts, how many rows
-        .map_batches(EmbedShards, batch_size=1,          # an actor pool of Encoders, one model load per actor
-                     compute=ActorPoolStrategy(size=workers), num_gpus=1 per actor when the cluster has GPUs)
-        -> each actor reads its shard from the input, embeds it, writes its Parquet file (temporary name, rename)
-    driver: iter_rows() -> manifest.json updated as shards finish (progress bar with rows/s and ETA)
+    actors = [EmbedShards.remote(...) for _ in range(workers)]   # each loads the encoder once (num_gpus=1 on GPUs)
+    shards = plan_shards(...)         # the local engine's checking pass, while the actors start up
+    info = actors[0].encoder_info()   # the resolved encoder settings: part of the output's identity
+    manifest, pending = start_output(...)
+    two shards in flight per actor; as each finishes -> manifest.json updated, the actor gets the next one
 
-Ray schedules the actors over the cluster's nodes, restarts failed ones and retries their shards; each shard
-is a separate file written atomically, so the output folder has the same layout and manifest as a local run and
-can be resumed by either engine. Input files and the output folder must be reachable from every node (a shared
-file system, or a path mounted on each node).
+Each actor is a :class:`decoder2vec.embed.ShardEmbedder` that takes two calls at a time: one shard's reading
+and writing overlap the other's encoding, as in the local engine. An actor reads its shard from the input,
+embeds it and writes its Parquet file (temporary name, rename). Ray schedules the actors over the cluster's
+nodes and restarts failed ones, retrying their shards; each shard is a separate file written atomically, so the
+output folder has the same layout and manifest as a local run and can be resumed by either engine. Input files
+and the output folder must be reachable from every node (a shared file system, or a path mounted on each node).
+
+Why actors and not a Ray Data pipeline: the job is a list of shards that each read and write their own files,
+so Ray Data had nothing to stream; its executor and its stats and autoscaling actors cost CPU beside the model
+(a third of a core on a 2-core machine), and the output's identity needed the settings before the pipeline
+started, which cost a separate task and model load.
 
 On an existing cluster::
 
@@ -22,28 +28,33 @@ On an existing cluster::
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, fields
+import time
+from collections import deque
+from dataclasses import asdict
 from pathlib import Path
 
 from .embed import (
     EmbedSettings,
     EncoderSpec,
     Shard,
+    ShardEmbedder,
     _encoder_info,
     _finish_manifest,
     _progress_bar,
     _write_manifest,
-    embed_shard,
+    plan_shards,
     start_output,
 )
 
 __all__ = ["run_ray"]
 
+IN_FLIGHT = 2  # shards handed to an actor at once: one encodes while the other is read or written
+RETRIES = 3  # restarts of a dead actor (process or node lost), and retries of its shards
+
 
 class EmbedShards:
-    """A Ray Data actor: loads the encoder once, then embeds and writes the shards it is handed."""
+    """A Ray actor: loads the encoder once, then embeds and writes the shards it is handed."""
 
     def __init__(self, spec: dict, settings: dict, out_dir: str, threads: int, use_gpu: bool):
         import torch
@@ -51,30 +62,19 @@ class EmbedShards:
         torch.set_num_threads(threads)
         spec = EncoderSpec(**spec)
         # inside an actor with num_gpus=1, Ray sets CUDA_VISIBLE_DEVICES: "cuda" is that GPU
-        self.encoder = spec.load(device="cuda" if use_gpu else "cpu")
-        self.settings = EmbedSettings(**settings)
-        self.out_dir = Path(out_dir)
+        encoder = spec.load(device="cuda" if use_gpu else "cpu")
+        self.info = _encoder_info(encoder, spec)
+        self.embedder = ShardEmbedder(encoder, EmbedSettings(**settings), out_dir)
 
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
+    def encoder_info(self) -> dict:
+        return self.info
 
-        names = [f.name for f in fields(Shard)]
-        records = []
-        for i in range(len(batch["index"])):
-            values = {name: batch[name][i] for name in names}
-            shard = Shard(**{k: v.item() if hasattr(v, "item") else v for k, v in values.items()})
-            records.append(json.dumps(embed_shard(self.encoder, shard, self.settings, self.out_dir)))
-        return {"record": np.array(records, dtype=object)}
-
-
-def _encoder_info_task(spec: dict, use_gpu: bool) -> dict:
-    spec = EncoderSpec(**spec)
-    return _encoder_info(spec.load(device="cuda" if use_gpu else "cpu"), spec)
+    def embed(self, shard: dict) -> dict:
+        return self.embedder(Shard(**shard))
 
 
 def run_ray(
     spec: EncoderSpec,
-    shards: list[Shard],
     files,
     source: str,
     out_dir: Path,
@@ -84,58 +84,67 @@ def run_ray(
     overwrite: bool = False,
     threads: int | None = None,
 ) -> dict:
-    """Embed the pending shards on a Ray cluster (``address``, else the initialised one, else a local one)."""
+    """Plan ``files`` and embed the pending shards on a Ray cluster (``address``, else the initialised one, else
+    a local one)."""
     try:
         import ray
-        import ray.data
     except ImportError:
-        raise ValueError("--engine ray needs Ray Data: pip install 'decoder2vec[ray]'") from None
-    import time
+        raise ValueError("--engine ray needs Ray: pip install 'decoder2vec[ray]'") from None
 
     started = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
     resources = ray.cluster_resources()
     use_gpu = resources.get("GPU", 0) > 0 and (spec.device or "cuda").startswith("cuda")
-    workers = max(1, min(config.workers, len(shards)))
-    per_actor = max(1, (threads or _default_threads()) // workers)
+    per_actor = max(1, (threads or _default_threads()) // config.workers)
+    actor_cpus = 1 if use_gpu else max(1, min(per_actor, int(resources.get("CPU", 1)) - 1))
     out_dir = Path(out_dir).absolute()
-
-    # the resolved encoder settings (from the model folder's decoder2vec_config.json and the options) are part of
-    # the output's identity: one task loads the model once to read them, where the actors will run
-    info_task = ray.remote(_encoder_info_task).options(num_gpus=1 if use_gpu else 0, num_cpus=1)
-    info = ray.get(info_task.remote(asdict(spec), use_gpu))
-    manifest, pending, extra = start_output(info, source, files, out_dir, config, shards, overwrite, "ray", workers)
-
-    if pending:
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # ours counts rows of finished shards
-        context.execution_options.preserve_order = False
-        actor_cpus = 1 if use_gpu else max(1, min(per_actor, int(resources.get("CPU", 1)) - 1))
-        dataset = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
-        dataset = dataset.map_batches(
-            EmbedShards,
-            fn_constructor_kwargs={
-                "spec": asdict(spec),
-                "settings": asdict(config),
-                "out_dir": os.fspath(out_dir),
-                "threads": per_actor,
-                "use_gpu": use_gpu,
-            },
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_gpus=1 if use_gpu else 0,
-            num_cpus=actor_cpus,
+    actor_class = ray.remote(EmbedShards).options(
+        num_cpus=actor_cpus,
+        num_gpus=1 if use_gpu else 0,
+        max_concurrency=IN_FLIGHT,
+        max_restarts=RETRIES,
+        max_task_retries=RETRIES,
+    )
+    arguments = (asdict(spec), asdict(config), os.fspath(out_dir), per_actor, use_gpu)
+    # the actors start (a new process, imports, the model load) while this process checks the input
+    actors = [actor_class.remote(*arguments) for _ in range(config.workers)]
+    progress = None
+    try:
+        shards = plan_shards(files, config)
+        for extra_actor in actors[len(shards) :]:  # fewer shards than workers
+            ray.kill(extra_actor)
+        actors = actors[: len(shards)]
+        # the resolved encoder settings (from the model folder's decoder2vec_config.json and the options) are part
+        # of the output's identity, checked before anything is written: the first actor's loaded encoder says them
+        info = ray.get(actors[0].encoder_info.remote())
+        manifest, pending, extra = start_output(
+            info, source, files, out_dir, config, shards, overwrite, "ray", len(actors)
         )
         progress = _progress_bar(sum(s.rows - s.bad_rows for s in pending), config.progress)
-        try:
-            for row in dataset.iter_rows():
-                record = json.loads(row["record"])
-                manifest["shards"].append(record)
-                _write_manifest(out_dir, _finish_manifest(manifest, shards, extra))
-                progress.update(record["rows"])
-        finally:
+        waiting = deque(pending)
+        running = {}  # ObjectRef of a shard's record -> the actor embedding it
+
+        def hand_over(actor) -> None:
+            if waiting:
+                running[actor.embed.remote(asdict(waiting.popleft()))] = actor
+
+        for actor in actors:
+            for _ in range(IN_FLIGHT):
+                hand_over(actor)
+        while running:
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(done)
+            record = ray.get(done)
+            manifest["shards"].append(record)
+            _write_manifest(out_dir, _finish_manifest(manifest, shards, extra))
+            progress.update(record["rows"])
+            hand_over(actor)
+    finally:
+        if progress is not None:
             progress.close()
+        for actor in actors:
+            ray.kill(actor)
     manifest = _finish_manifest(manifest, shards, {"seconds": round(time.perf_counter() - started, 3)})
     _write_manifest(out_dir, manifest)
     return manifest

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .attention import ARCHITECTURES, ArchitectureSupport, check_bidirectional, set_bidirectional
 from .config import option, save_config
+from .depth import keep_first_layers
 from .inputs import TextInput, TextPrompt, normalize_inputs, pad_batch, resolve_prompt, tokenize
 from .int8 import (  # int8 names are still importable from here; from_pretrained reads them from this module
     INT8_CALIBRATION_TEXTS,
@@ -66,6 +67,11 @@ class EncoderConfig:
         help="text (the tokens of the text's last copy) | prompt_end (the input's last token); "
         "default: the preset's, else text",
     )
+    num_layers: int | None = option(
+        None,
+        help="embed from the first N decoder layers (then the final norm); the layers above are dropped, which "
+        "also makes encoding faster. Default: all",
+    )
 
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
@@ -74,6 +80,10 @@ class EncoderConfig:
             raise ValueError(f"padding_side must be 'left' or 'right', not {self.padding_side!r}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2, not {self.max_length!r}")
+        if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+            raise ValueError(
+                f"num_layers must be an integer >= 1 (the first N decoder layers), not {self.num_layers!r}"
+            )
         if "{instruction}" not in self.instruction_template:
             raise ValueError("instruction_template must contain '{instruction}'")
         resolve_prompt(self.prompt, self.pooled_tokens)  # raises on an unknown preset or pooled_tokens
@@ -119,6 +129,8 @@ class Encoder(torch.nn.Module):
         self._replica_cache: tuple[tuple[str, ...], list[Encoder]] | None = None  # (devices, encoders)
         self.backend = getattr(model, "backend", "torch")  # onnx: an OnnxModel runs the graph with onnxruntime
         self.quantize: str | None = None  # int8 after from_pretrained(quantize="int8")
+        if self.backend == "torch":  # an ONNX graph was exported at its depth already
+            keep_first_layers(self.model, config.num_layers)
         set_bidirectional(self.model, config.bidirectional)
 
     # ------------------------------------------------------------------ loading
@@ -158,10 +170,14 @@ class Encoder(torch.nn.Module):
         if llm2vec is not None:  # base folder with an MNTP adapter to merge, pooling from llm2vec_config.json
             settings = {**llm2vec.settings, **settings}
             resolved, adapter = llm2vec.base_folder, llm2vec.adapters
+        adapters = _adapter_list(adapter)
+        for path in adapters:  # an adapter trained on the first N layers only means something at that depth
+            trained = EncoderConfig.load(path)
+            if trained is not None and trained.num_layers is not None:
+                settings["num_layers"] = trained.num_layers
         given = {"pooling": pooling, "bidirectional": bidirectional, "max_length": max_length, **config_overrides}
         settings.update({k: v for k, v in given.items() if v is not None})
         config = EncoderConfig(**settings)
-        adapters = _adapter_list(adapter)
         backend = _choose_backend(backend, resolved, quantize)
         if backend == "onnx":
             return cls._from_onnx(source, resolved, adapters, config, quantize)
@@ -171,6 +187,7 @@ class Encoder(torch.nn.Module):
         if quantize is not None and (device.type != "cpu" or torch_dtype != torch.float32):
             raise ValueError(f"quantize={quantize!r} runs on the CPU in float32; not on {device} in {torch_dtype}")
         model, tokenizer = _load_model(resolved, source, torch_dtype, config.attn_implementation)
+        keep_first_layers(model, config.num_layers)  # before the adapters: they hold no weights above the cut
         for path in adapters:
             model = _attach_adapter(model, path)
         if merge_adapters and adapters:

@@ -25,6 +25,9 @@ class TrainConfig:
     adapter: list[str] | None = option(None, help="earlier stages' adapter folders, merged into the base first")
     bidirectional: bool = option(True, help="train with bidirectional attention (false: causal)")
     pooling: str = option("mean", help="pooling of the embedding stages: " + " | ".join(POOLING_MODES))
+    num_layers: int | None = option(
+        None, help="train and embed with the first N decoder layers only (the rest dropped); default: all"
+    )
     dtype: str = option("float32", help="weight dtype: float32 | bfloat16 (use mixed_precision for autocast)")
     mixed_precision: str = option("no", help="no | bf16 | fp16: accelerate autocast on GPUs")
     gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory")
@@ -81,6 +84,10 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, not {self.learning_rate}")
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, not {self.lora_r}")
+        if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+            raise ValueError(
+                f"num_layers must be an integer >= 1 (the first N decoder layers), not {self.num_layers!r}"
+            )
         if self.lora_layers is not None and (not isinstance(self.lora_layers, int) or self.lora_layers < 1):
             raise ValueError(f"lora_layers must be an integer >= 1 (the top N layers), not {self.lora_layers!r}")
         for name in ("lora_dropout",):

@@ -79,6 +79,7 @@ def train(config: TrainConfig) -> TrainResult:
         adapter=config.adapter,
         pooling=config.pooling,
         bidirectional=config.bidirectional,
+        num_layers=config.num_layers,
         dtype=config.dtype,
         device=accelerator.device,
     )

@@ -118,7 +118,7 @@ def input_peaks(decoder: torch.nn.Module, run: Callable[[], object]) -> dict[str
     """``max |x_j|`` per input channel of every linear layer of ``decoder`` over the inputs ``run()`` feeds it.
 
     Keys are the layers' names in ``decoder`` (``layers.0.self_attn.q_proj``); values are ``(in_features,)``.
-    Padded positions count: PyTorch's dynamic int8 scales the whole padded batch too.
+    Padded positions count too: they run through every layer like the text they pad.
     """
     peaks: dict[str, torch.Tensor] = {}
 

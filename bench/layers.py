@@ -5,7 +5,7 @@ through the model's final norm) is then scored as if it were the encoder's outpu
 choice may be made on; TREC (test accuracy, logistic regression as in ``decoder2vec eval``) is shown to see
 what a choice costs or wins elsewhere.
 
-    DECODER2VEC_DATA=../shared/data python bench/layers.py --model gemma3-270m [--adapter RUN/seed-0/final]
+    DECODER2VEC_DATA=<data folder> python bench/layers.py --model gemma3-270m [--adapter RUN/seed-0/final]
 """
 
 from __future__ import annotations

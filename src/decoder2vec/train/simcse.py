@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..depth import decoder_layers
+
 __all__ = ["InfoNCELoss", "set_dropout"]
 
 
@@ -72,9 +74,9 @@ def set_dropout(model: nn.Module, *, attention: float = 0.0, hidden: float = 0.0
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) > 0:
-            return module
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__} for hidden dropout; set hidden_dropout 0"
-    )
+    try:
+        return decoder_layers(model)[1]
+    except ValueError:
+        raise ValueError(
+            f"cannot find the decoder layers of {type(model).__name__} for hidden dropout; set hidden_dropout 0"
+        ) from None

@@ -48,13 +48,7 @@ def layer_vectors(encoder: Encoder, texts: list[str], batch_size: int) -> dict[b
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
         batch = encoder.collate([features[i] for i in chosen])
-        states = encoder.backbone(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-            output_hidden_states=True,
-        ).hidden_states
+        states = encoder.hidden_states(batch, every_layer=True)
         for final_norm in (False, True):
             vectors = out.setdefault(final_norm, np.zeros((len(states), len(texts), encoder.dim), dtype=np.float32))
             for layer, hidden in enumerate(states):

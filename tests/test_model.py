@@ -60,6 +60,21 @@ def test_encode_outputs(encoders):
     assert encoder.encode([]).shape == (0, encoder.dim)
 
 
+def test_hidden_states_every_layer_ends_with_the_states_encode_pools(encoders):
+    encoder = encoders[True]
+    encoder.config.pooling, encoder.config.padding_side = "mean", "right"
+    texts = mixed_texts(6, seed=2)
+    batch = encoder.collate(encoder.tokenize(texts))
+    with torch.inference_mode():
+        last = encoder.hidden_states(batch)
+        layers = encoder.hidden_states(batch, every_layer=True)
+        pooled = encoder(batch)
+    assert len(layers) == encoder.model.config.num_hidden_layers + 1  # the embeddings, then every layer
+    assert torch.equal(layers[-1], last) and last.shape[:2] == batch["input_ids"].shape
+    assert not torch.allclose(layers[-2], last)  # the raw stream below the final norm differs
+    np.testing.assert_allclose(pooled.numpy(), encoder.encode(texts), atol=1e-5)
+
+
 def test_instruction_changes_the_vector_but_is_not_pooled(encoders):
     encoder = encoders[True]
     encoder.config.pooling = "mean"

@@ -287,14 +287,22 @@ class Encoder(torch.nn.Module):
     def collate(self, features) -> dict[str, torch.Tensor]:
         return pad_batch(features, pad_id=self.pad_token_id, padding_side=self.config.padding_side, device=self.device)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A padded batch (from :meth:`collate`) -> pooled vectors (batch, dim), float32, with gradients."""
-        hidden = self.backbone(
+    def hidden_states(self, batch: dict[str, torch.Tensor], *, every_layer: bool = False):
+        """A padded batch (from :meth:`collate`) -> the backbone's last states (batch, seq, dim), in the model's
+        dtype; with ``every_layer`` the tuple (embeddings, layer 1, ..., last layer): the last entry has the
+        model's final norm, the others are the raw residual stream."""
+        out = self.backbone(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             position_ids=batch["position_ids"],
             use_cache=False,
-        ).last_hidden_state  # (batch, seq, dim)
+            output_hidden_states=every_layer,
+        )
+        return out.hidden_states if every_layer else out.last_hidden_state
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A padded batch (from :meth:`collate`) -> pooled vectors (batch, dim), float32, with gradients."""
+        hidden = self.hidden_states(batch)
         return pool(hidden.float(), batch["attention_mask"], batch["pool_mask"], self.config.pooling)
 
     # ------------------------------------------------------------------ encode

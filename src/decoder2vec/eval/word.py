@@ -212,13 +212,7 @@ def token_states(
         with torch.inference_mode():
             for chosen in progress:
                 batch = encoder.collate([features[i] for i in chosen])
-                hidden = encoder.backbone(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"],
-                    use_cache=False,
-                ).last_hidden_state  # (batch, seq, dim)
-                hidden = hidden.float().cpu().numpy()
+                hidden = encoder.hidden_states(batch).float().cpu().numpy()  # (batch, seq, dim)
                 width = hidden.shape[1]
                 for row, i in enumerate(chosen):
                     length = len(features[i].input_ids)

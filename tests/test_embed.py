@@ -311,10 +311,19 @@ try:
 except Exception as error:  # this machine cannot start a Ray node (not a decoder2vec failure)
     print(f"ray.init failed: {error}")
     sys.exit(77)
-from decoder2vec.embed import embed_corpus
-manifest = embed_corpus(sys.argv[1], sys.argv[2], model=sys.argv[3], engine="ray", workers=1, threads=1,
-                        text_field="body", id_field="id", shard_size=10, progress=False)
+from pathlib import Path
+from decoder2vec.embed import EmbedSettingsError, embed_corpus
+options = dict(model=sys.argv[3], engine="ray", workers=1, threads=1, text_field="body", id_field="id", shard_size=10,
+               progress=False)
+manifest = embed_corpus(sys.argv[1], sys.argv[2], **options)
 assert manifest["engine"] == "ray" and manifest["complete"], manifest
+written = {p.name: p.read_bytes() for p in Path(sys.argv[2]).rglob("*") if p.is_file()}
+try:  # the settings come from the pipeline's actors; the check comes before any write
+    embed_corpus(sys.argv[1], sys.argv[2], **options, normalize=True)
+    raise AssertionError("other settings were not refused")
+except EmbedSettingsError as error:
+    assert "normalize: False there, True now" in str(error), error
+assert written == {p.name: p.read_bytes() for p in Path(sys.argv[2]).rglob("*") if p.is_file()}
 """
 
 

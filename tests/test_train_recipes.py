@@ -70,12 +70,25 @@ def test_recipe_then_config_file_then_options(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "simcse", "--recipe", "small-cpu", "--config", str(config), "--steps", "2"]
     args += ["--model", str(tiny_llama_dir), "--data", str(text), "--output-dir", str(out), "--progress", "false"]
-    assert main(args) == 0
+    with pytest.warns(UserWarning, match="sets num_layers: 13 for gemma3-270m; not applied"):
+        assert main(args) == 0
     saved = json.loads((out / "simcse_config.json").read_text())
     small = recipe_options("small-cpu", "simcse")
     assert saved["learning_rate"] == small["learning_rate"]  # from the recipe
     assert saved["batch_size"] == 4 and saved["max_seq_length"] == 16  # the config file wins over the recipe
     assert saved["steps"] == 2  # and the command line over both
+    assert saved["num_layers"] is None  # the recipe's depth is for its own model (Gemma's 18 layers), not this one
+
+
+def test_depth_options_apply_only_to_the_recipes_model():
+    own = load_recipe("small-cpu")["pipeline"]["model"]
+    assert recipe_options("small-cpu", "simcse")["num_layers"] == 13
+    assert recipe_options("small-cpu", "simcse", own)["num_layers"] == 13
+    with pytest.warns(UserWarning, match="sets num_layers: 13 for gemma3-270m; not applied to smollm2-135m"):
+        other = recipe_options("small-cpu", "simcse", "smollm2-135m")
+    assert (
+        "num_layers" not in other and other["learning_rate"] == recipe_options("small-cpu", "simcse")["learning_rate"]
+    )
 
 
 def test_unknown_recipe_is_a_clear_error(tmp_path, capsys):

@@ -28,8 +28,10 @@ def _train(args: argparse.Namespace) -> None:
     overrides = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None
     }
-    base = recipe_options(args.recipe, args.stage)
-    base.update(read_config_file(args.config))
+    from_file = read_config_file(args.config)
+    model = overrides.get("model") or from_file.get("model") or cls.__dataclass_fields__["model"].default
+    base = recipe_options(args.recipe, args.stage, model)
+    base.update(from_file)
     config = load_config(cls, None, **{**base, **overrides})
     result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:  # several processes: one summary line

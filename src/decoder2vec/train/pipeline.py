@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..config import option
 from .config import STAGES
-from .recipes import DEFAULT_CPU_RECIPE, DEFAULT_GPU_RECIPE, load_recipe
+from .recipes import DEFAULT_CPU_RECIPE, DEFAULT_GPU_RECIPE, load_recipe, recipe_options
 
 __all__ = ["PipelineConfig", "default_recipe", "run_pipeline"]
 
@@ -197,7 +197,7 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
         previous: list[str] = []
         for index, stage in enumerate(config.stages):
             last = index == len(config.stages) - 1
-            options = {**(recipe.get(stage) or {}), **(config.stage_options.get(stage) or {})}
+            options = {**recipe_options(config.recipe, stage, config.model), **(config.stage_options.get(stage) or {})}
             if last and config.average_last > 1:
                 options.update(checkpoint_every=config.checkpoint_every, keep_checkpoints=config.average_last)
             stage_config = STAGES[stage](

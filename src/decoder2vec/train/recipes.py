@@ -9,6 +9,10 @@ command-line options override them.
 - ``small-cpu``: the small-budget recipe measured on a 2-core CPU; what ``decoder2vec pipeline`` and ``make demo``
   run when no GPU is present.
 
+Options tied to the depth of the recipe's own model (``num_layers``, ``lora_layers``: ``small-cpu`` cuts Gemma 3
+270M to 13 of its 18 layers) apply only to that model (the ``pipeline`` section's ``model``); with another model
+they are left out, with a warning.
+
 Example::
 
     from decoder2vec.train import SimCSEConfig, recipe_options
@@ -18,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -28,6 +33,8 @@ __all__ = ["DEFAULT_CPU_RECIPE", "DEFAULT_GPU_RECIPE", "available_recipes", "loa
 DEFAULT_CPU_RECIPE = "small-cpu"
 DEFAULT_GPU_RECIPE = "llm2vec"
 SECTIONS = ("mntp", "simcse", "supervised", "pipeline")
+# chosen for the depth of the recipe's model: meaningless (or an error) on a model with other layers
+MODEL_SPECIFIC = ("num_layers", "lora_layers")
 
 
 def _folder():
@@ -65,10 +72,23 @@ def load_recipe(name_or_path: str | os.PathLike) -> dict:
     return data
 
 
-def recipe_options(name_or_path: str | os.PathLike | None, stage: str) -> dict:
-    """The options a recipe gives one stage (empty without a recipe)."""
+def recipe_options(name_or_path: str | os.PathLike | None, stage: str, model: str | None = None) -> dict:
+    """The options a recipe gives one stage (empty without a recipe), for ``model`` when given: the options in
+    ``MODEL_SPECIFIC`` are left out when the recipe names another model."""
     if name_or_path is None:
         return {}
     if stage not in SECTIONS:
         raise ValueError(f"unknown recipe section {stage!r}; choose one of: {', '.join(SECTIONS)}")
-    return dict(load_recipe(name_or_path).get(stage) or {})
+    recipe = load_recipe(name_or_path)
+    options = dict(recipe.get(stage) or {})
+    own_model = (recipe.get("pipeline") or {}).get("model")
+    if model is not None and own_model is not None and str(model) != own_model:
+        dropped = {name: options.pop(name) for name in MODEL_SPECIFIC if name in options}
+        if dropped:
+            listed = ", ".join(f"{name}: {value}" for name, value in dropped.items())
+            warnings.warn(
+                f"recipe {str(name_or_path)!r} sets {listed} for {own_model}; not applied to {model} "
+                "(set it in a config file or recipe of your own for this model)",
+                stacklevel=2,
+            )
+    return options

@@ -78,6 +78,7 @@ class EmbedShards:
         import torch
 
         torch.set_num_threads(threads)
+        self.threads = threads
         spec = EncoderSpec(**spec)
         # inside an actor with num_gpus=1, Ray sets CUDA_VISIBLE_DEVICES: "cuda" is that GPU
         encoder = spec.load(device="cuda" if use_gpu else "cpu")
@@ -86,7 +87,11 @@ class EmbedShards:
 
     def __call__(self, batch):  # a pyarrow Table of shards
         import pyarrow as pa
+        import torch
 
+        # calls run on threads of Ray's pool, and OpenMP's thread count is a per-thread setting that a new thread
+        # takes from OMP_NUM_THREADS (which Ray sets to the actor's num_cpus), not from the constructor's call
+        torch.set_num_threads(self.threads)
         records = [json.dumps(self.embedder(Shard(**row))) for row in batch.to_pylist()]
         return pa.table({"record": records})
 

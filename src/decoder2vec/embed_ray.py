@@ -5,7 +5,7 @@ The driver runs::
     ray.data.from_items([one row])
         .flat_map(pending shards from the handover, num_cpus=0)   # waits until the driver hands them over
         .map_batches(EmbedShards, batch_size=1,                    # an actor pool of Encoders, one model load each
-                     compute=ActorPoolStrategy(size=workers, two shards in flight and running per actor),
+                     compute=ActorPoolStrategy(size=workers, two shards queued per actor, one run at a time),
                      num_gpus=1 per actor when the cluster has GPUs)
     planning thread, while the actors start:
         shards = plan_shards(...)                    # the local engine's checking pass
@@ -14,8 +14,10 @@ The driver runs::
         pending shards -> the handover -> the pipeline (one row, one block, one actor task each)
     main thread: iter_rows() -> manifest.json updated as each shard finishes, progress bar in rows
 
-Each actor is a :class:`decoder2vec.embed.ShardEmbedder` that runs two calls at a time: one shard's reading and
-writing overlap the other's encoding, as in the local engine. An actor reads its shard from the input, embeds it
+Each actor is a :class:`decoder2vec.embed.ShardEmbedder` that embeds one shard at a time, with the next one already
+queued at the actor. (Two calls at a time, so that one shard's reading and writing overlap another's encoding as in
+the local engine, was slower in an actor: every forward pass ran 1.5-2x longer while a second call was in the actor,
+36-42 s against 27-37 s for 50,000 rows on a tiny model, alternated over 3 rounds, 2026-12-02.) An actor reads its shard from the input, embeds it
 and writes its Parquet file (temporary name, rename); its output row is the shard's manifest record. The handover
 is a small actor between the two sides: the pipeline's actors give it their encoder settings (no second model
 load just to read them), the driver gives it the shards to embed once the output folder is checked, so nothing
@@ -27,8 +29,7 @@ every node (a shared file system, or a path mounted on each node).
 Why Ray Data: Ray schedules the actor pool over the cluster's nodes (GPUs included), restarts a lost actor and
 retries its shards, and moves the records through its object store, without scheduling code of ours. What the
 plain-actor version before it (commit 7c0c65c) did better is kept: one model load per actor, planning while the
-actors start, reading and writing overlapped with encoding. Ray Data's own progress bars, stats logs, issue
-detectors, memory sampling and no-progress timeout are switched off (``_pipeline_context``); its stats actor
+actors start. Ray Data's own progress bars, stats logs, issue detectors, memory sampling and no-progress timeout are switched off (``_pipeline_context``); its stats actor
 still runs. The pool starts before the shards are counted, so it has ``workers`` actors even for fewer shards;
 a planning error or a folder made with other settings is raised once the pipeline has stopped, which waits for
 actors still starting.
@@ -67,7 +68,7 @@ from .embed import (
 
 __all__ = ["run_ray"]
 
-IN_FLIGHT = 2  # shards an actor holds at once: one encodes while the other is read or written
+IN_FLIGHT = 2  # shards an actor holds at once: the next one waits at the actor while one is embedded
 
 
 class EmbedShards:
@@ -89,8 +90,8 @@ class EmbedShards:
         import pyarrow as pa
         import torch
 
-        # calls run on threads of Ray's pool, and OpenMP's thread count is a per-thread setting that a new thread
-        # takes from OMP_NUM_THREADS (which Ray sets to the actor's num_cpus), not from the constructor's call
+        # a call may run on another thread than the constructor, and OpenMP's thread count is a per-thread setting
+        # that a new thread takes from OMP_NUM_THREADS (which Ray sets to the actor's num_cpus)
         torch.set_num_threads(self.threads)
         records = [json.dumps(self.embedder(Shard(**row))) for row in batch.to_pylist()]
         return pa.table({"record": records})
@@ -219,8 +220,10 @@ def run_ray(
                 compute=ray.data.ActorPoolStrategy(
                     size=config.workers,
                     max_tasks_in_flight_per_actor=IN_FLIGHT,
-                    max_concurrent_calls_per_actor=IN_FLIGHT,
-                    enable_true_multi_threading=True,  # ShardEmbedder lets one model call run at a time
+                    max_concurrent_calls_per_actor=1,
+                    # measured (3 rounds, 50,000 rows, tiny model): 27-37 s a job with this flag, 36-42 without,
+                    # 36-42 with two calls at a time
+                    enable_true_multi_threading=True,
                 ),
                 num_cpus=actor_cpus,
                 num_gpus=1 if use_gpu else 0,

@@ -147,7 +147,7 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
     from .average import average_adapters
     from .run import train
 
-    config, recipe = _resolved(config)
+    config, _ = _resolved(config)
     output = Path(config.output_dir)
     if config.resume and not output.is_dir():
         raise ValueError(f"--resume: {output} does not exist; give the output folder of the interrupted pipeline")
@@ -190,6 +190,7 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
             "untrained, bidirectional", Encoder.from_pretrained(config.model), baseline_tasks
         )
 
+    applied: dict[str, dict] = {}
     for seed in config.seeds:
         run_started = time.perf_counter()
         seed_dir = output / f"seed-{seed}"
@@ -198,6 +199,7 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
         for index, stage in enumerate(config.stages):
             last = index == len(config.stages) - 1
             options = {**recipe_options(config.recipe, stage, config.model), **(config.stage_options.get(stage) or {})}
+            applied[stage] = options
             if last and config.average_last > 1:
                 options.update(checkpoint_every=config.checkpoint_every, keep_checkpoints=config.average_last)
             stage_config = STAGES[stage](
@@ -255,7 +257,7 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
     results["summary"] = summarize(results["runs"], config.eval_tasks)
     results["minutes"] = round((time.perf_counter() - start) / 60, 1)
     results["config"] = dataclasses.asdict(config)
-    results["recipe_options"] = {stage: recipe.get(stage) for stage in config.stages}
+    results["recipe_options"] = applied  # the recipe's options as applied to this model, with the command line's
     _write_json(output / "pipeline_results.json", results)
     log("")
     log(results_table(results))

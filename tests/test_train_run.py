@@ -238,7 +238,9 @@ def test_pipeline_command_runs_stages_for_each_seed(tiny_llama_dir, tmp_path, ca
     assert [run["seed"] for run in results["runs"]] == [0, 1]
     assert results["recipe"] == "small-cpu" and results["stages"] == ["mntp", "simcse"]
     # the options each stage ran with: the recipe's (its Gemma depth left out for this model) and the command line's
-    assert results["recipe_options"]["simcse"]["steps"] == 3 and "num_layers" not in results["recipe_options"]["simcse"]
+    assert (
+        results["recipe_options"]["simcse"]["steps"] == 3 and "num_layers" not in results["recipe_options"]["simcse"]
+    )
     scores = [run["scores"]["stsb"] for run in results["runs"]]
     assert results["summary"]["stsb"]["mean"] == pytest.approx(sum(scores) / 2, abs=0.01)
     first = results["runs"][0]

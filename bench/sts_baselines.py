@@ -31,9 +31,7 @@ def embed_all_poolings(encoder: Encoder, texts: list[str], append_eos: bool, bat
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = encoder.collate([features[i] for i in index])
-        hidden = encoder.backbone(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
-        ).last_hidden_state.float()
+        hidden = encoder.hidden_states(batch).float()
         for mode in POOLING_MODES:
             out[mode][index] = pool(hidden, batch["attention_mask"], batch["pool_mask"], mode).numpy()
     return out

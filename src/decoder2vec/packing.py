@@ -114,12 +114,7 @@ def collate_packed(encoder, features, *, max_tokens: int = 128) -> dict[str, tor
 
 def forward_packed(encoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """A batch from :func:`collate_packed` -> pooled float32 vectors (texts, dim), with gradients."""
-    hidden = encoder.backbone(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).last_hidden_state  # (rows, width, dim)
+    hidden = encoder.hidden_states(batch)  # (rows, width, dim)
     per_text = hidden.flatten(0, 1)[batch["token_index"]]  # (texts, longest, dim): a right-padded batch
     return pool(per_text.float(), batch["text_mask"], batch["pool_mask"], encoder.config.pooling)
 

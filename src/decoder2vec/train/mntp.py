@@ -102,12 +102,7 @@ class MNTPLoss(nn.Module):
         self.full_logits = full_logits
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.encoder.backbone(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        ).last_hidden_state  # (batch, seq, dim)
+        hidden = self.encoder.hidden_states(batch)  # (batch, seq, dim)
         lm_head = self.encoder.model.get_output_embeddings()
         targets = batch["labels"][:, 1:]  # (batch, seq - 1): the label at i, aligned with the state at i - 1
         if self.full_logits:

@@ -190,7 +190,11 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
             "untrained, bidirectional", Encoder.from_pretrained(config.model), baseline_tasks
         )
 
-    applied: dict[str, dict] = {}
+    # each stage's options: the recipe's as applied to this model (read once), then the command line's
+    stage_options = {
+        stage: {**recipe_options(config.recipe, stage, config.model), **(config.stage_options.get(stage) or {})}
+        for stage in config.stages
+    }
     for seed in config.seeds:
         run_started = time.perf_counter()
         seed_dir = output / f"seed-{seed}"
@@ -198,8 +202,7 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
         previous: list[str] = []
         for index, stage in enumerate(config.stages):
             last = index == len(config.stages) - 1
-            options = {**recipe_options(config.recipe, stage, config.model), **(config.stage_options.get(stage) or {})}
-            applied[stage] = options
+            options = dict(stage_options[stage])
             if last and config.average_last > 1:
                 options.update(checkpoint_every=config.checkpoint_every, keep_checkpoints=config.average_last)
             stage_config = STAGES[stage](
@@ -257,7 +260,7 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict:
     results["summary"] = summarize(results["runs"], config.eval_tasks)
     results["minutes"] = round((time.perf_counter() - start) / 60, 1)
     results["config"] = dataclasses.asdict(config)
-    results["recipe_options"] = applied  # the recipe's options as applied to this model, with the command line's
+    results["recipe_options"] = stage_options
     _write_json(output / "pipeline_results.json", results)
     log("")
     log(results_table(results))

@@ -31,9 +31,9 @@ Why Ray Data: Ray schedules the actor pool over the cluster's nodes (GPUs includ
 retries its shards, and moves the records through its object store, without scheduling code of ours. What the
 plain-actor version before it (commit 7c0c65c) did better is kept: one model load per actor, planning while the
 actors start. Ray Data's own progress bars, stats logs, issue detectors, memory sampling and no-progress timeout
-are switched off (``_pipeline_context``); its stats actor still runs. The pool starts before the shards are counted, so it has ``workers`` actors even for fewer shards;
-a planning error or a folder made with other settings is raised once the pipeline has stopped, which waits for
-actors still starting.
+are switched off (``_pipeline_context``); its stats actor still runs. The pool starts before the shards are
+counted, so it has ``workers`` actors even for fewer shards; a planning error or a folder made with other settings
+is raised once the pipeline has stopped, which waits for actors still starting.
 
 On an existing cluster::
 

@@ -31,6 +31,7 @@ import torch
 from decoder2vec import Encoder
 from decoder2vec.catalog import resolve_dataset
 from decoder2vec.train import InfoNCELoss, MNTPConfig, SimCSEConfig
+from decoder2vec.train.fused_lora import fuse_lora
 from decoder2vec.train.run import _add_lora, _BatchOrder
 from decoder2vec.train.stages import build_stage
 
@@ -84,14 +85,22 @@ def compare(config, variants: dict, steps: int, rounds: int) -> dict[str, dict[s
     return results
 
 
-def ours(stage, examples, generator):
+def peft_forward(stage, examples, generator):
     return stage.step(stage.module, examples, generator, backward=torch.Tensor.backward)
+
+
+def ours(stage, examples, generator):
+    undo = fuse_lora(stage.module)  # as training does (fused_lora: true); undone so that plain gets peft's forward
+    try:
+        return peft_forward(stage, examples, generator)
+    finally:
+        undo()
 
 
 def mntp_full_logits(stage, examples, generator):
     stage.module.full_logits = True
     try:
-        return ours(stage, examples, generator)
+        return peft_forward(stage, examples, generator)
     finally:
         stage.module.full_logits = False
 

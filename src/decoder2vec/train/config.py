@@ -59,6 +59,11 @@ class TrainConfig:
     lora_layers: int | None = option(
         None, help="adapt only the top N decoder layers: backward stops below them (default: every layer)"
     )
+    fused_lora: bool = option(
+        True,
+        help="train LoRA through one fused function per projection, with a cheap dropout mask shared by the "
+        "projections that read one input (false: peft's own forward; same expectation, other random draws)",
+    )
     # run folder
     output_dir: str = option("runs/train", help="run folder: adapter, checkpoints, config, log, loss curve")
     checkpoint_every: int = option(50, help="write a checkpoint every N steps (and at the end)")

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from ..model import STACK_NAME, Encoder, _adapter_list
 from .config import TrainConfig
+from .fused_lora import fuse_lora
 from .stages import build_stage
 
 __all__ = ["TrainResult", "train"]
@@ -85,6 +86,8 @@ def train(config: TrainConfig) -> TrainResult:
     )
     encoder.model = _add_lora(encoder.model, config)
     stage = build_stage(config, encoder)
+    if config.fused_lora:
+        stage.cleanup.append(fuse_lora(encoder.model))
 
     # ---- optimizer and schedule (sized from steps, never from epochs)
     parameters = [p for p in encoder.parameters() if p.requires_grad]

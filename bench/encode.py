@@ -8,8 +8,11 @@ Every row runs in a fresh process of its own, one after the other, so each peak 
 Rows: ``fp32`` (decoder2vec, PyTorch), ``sentence-transformers`` (the same folder read by sentence-transformers'
 stock Transformer + mean Pooling: causal, plain text), ``int8-torch`` (PyTorch dynamic int8),
 ``onnx-fp32`` and ``onnx-int8`` (onnxruntime; exported once into the cache before the timed rows);
-``int8-torch-unchecked`` is ``int8-torch`` with its probe check reported (``probe_min_cosine``) instead of
-enforced, to measure a model that the check refuses.
+``int8-torch-unchecked`` is ``int8-torch`` with every layer in int8 (none kept in float32) and its probe check
+reported (``probe_min_cosine``) instead of enforced, to measure a model that the check refuses;
+``int8-torch-x86`` is ``int8-torch`` on PyTorch's x86 engine (``DECODER2VEC_INT8_ENGINE=x86``) whatever the CPU,
+to compare engines in one run. Each int8-torch row reports its engine, weight range and the layers it kept in
+float32 (``decoder2vec.int8``).
 With ``--adapter``, every decoder2vec row is run again with the trained adapters merged (``trained-*``), and
 ``trained-fp32-live-adapter`` runs the last adapter unmerged (PEFT's LoRA layers), as loading did before merging.
 Targets (issue 13): int8 >= 1.8x fp32 with STS-B within 1 point; ONNX fp32 >= 1.0x fp32.
@@ -36,11 +39,13 @@ ROWS = {  # row -> Encoder.from_pretrained options (None: sentence-transformers)
     "sentence-transformers": None,
     "int8-torch": {"quantize": "int8", "backend": "torch"},
     "int8-torch-unchecked": {"quantize": "int8", "backend": "torch"},  # probe check reported, not enforced
+    "int8-torch-x86": {"quantize": "int8", "backend": "torch"},  # with ROW_ENVIRONMENT's engine
     "onnx-fp32": {"backend": "onnx"},
     "onnx-int8": {"quantize": "int8", "backend": "onnx"},
     "fp32-live-adapter": {"backend": "torch", "merge_adapters": False},  # trained only: the adapter unmerged
 }
 TRAINED_ONLY = {"fp32-live-adapter"}
+ROW_ENVIRONMENT = {"int8-torch-x86": {"DECODER2VEC_INT8_ENGINE": "x86"}}  # set in the row's process before loading
 
 
 def matmul_peak_gflops(size: int = 2048, seconds: float = 3.0) -> float:
@@ -122,16 +127,24 @@ def run_row(args) -> dict:
     if options is None:
         encode, lengths, config = _sentence_transformers(folder, sentences, args)
     else:
+        os.environ.update(ROW_ENVIRONMENT.get(args.row.removeprefix("trained-"), {}))
         if args.row.endswith("-unchecked"):  # speed and STS-B of an int8 model the probe check would refuse
-            import decoder2vec.model as model_module
+            import decoder2vec.int8 as int8_module
             from decoder2vec.eval.common import cosine_scores
 
-            def report_only(float_vectors, int8_vectors, what):
+            def report_only(float_vectors, int8_vectors, what, float_layers=None):
                 probe["probe_min_cosine"] = round(float(cosine_scores(int8_vectors, float_vectors).min()), 4)
                 return probe["probe_min_cosine"]
 
-            model_module.check_int8 = report_only
+            int8_module.check_int8 = report_only
+            int8_module.INT8_MIN_COSINE = -1.0  # every calibration vector passes: no layer is kept in float32
         encoder = Encoder.from_pretrained(folder, adapter=adapter, pooling="mean", device="cpu", **options)
+        if options.get("quantize") and options.get("backend") == "torch":
+            from decoder2vec.int8 import int8_kernel
+
+            kernel = int8_kernel()
+            probe["int8_kernel"] = f"{kernel.engine}, weights in [-{kernel.weight_max}, {kernel.weight_max}]"
+            probe["float_layers"] = encoder.float_layers
         if args.prepare:  # the ONNX export into the cache happens here, outside the timed rows
             return {"row": args.row, "prepared": True}
         lengths = [len(f.input_ids) for f in encoder.tokenize(sentences)]
@@ -205,7 +218,7 @@ def main() -> None:
         help="STS TSV (default: STS-B test from decoder2vec.catalog: $DECODER2VEC_DATA, else the hub)",
     )
     parser.add_argument("--adapter", nargs="+", default=None, help="trained adapters: adds the trained-* rows")
-    default_rows = [r for r in ROWS if not r.endswith("-unchecked")]
+    default_rows = [r for r in ROWS if r not in ("int8-torch-unchecked", "int8-torch-x86")]  # those on demand
     parser.add_argument("--rows", nargs="+", default=default_rows, help=f"rows (default: {' '.join(default_rows)})")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -257,6 +270,13 @@ def main() -> None:
             f"{r['row']:<28}{r['sentences_per_s']:>9}{r['ratio_to_fp32'] or '':>8}{r['mfu_percent']:>8}"
             f"{r['stsb_spearman']:>8}{r['stsb_minus_fp32'] if r['stsb_minus_fp32'] is not None else '':>7}"
             f"{r['loaded_mb']:>9}{r['peak_rss_mb']:>10}"
+        )
+    for r in [r for r in results if "int8_kernel" in r]:
+        kept = r["float_layers"]
+        lines.append(
+            f"{r['row']}: {r['int8_kernel']}; {len(kept)} layer(s) kept in float32{': ' if kept else ''}"
+            + ", ".join(kept)
+            + (f"; probe min cosine {r['probe_min_cosine']}" if "probe_min_cosine" in r else "")
         )
     lines.append("targets: int8 ratio >= 1.8 with |dSTS| <= 1; onnx-fp32 ratio >= 1.0 (sentence-transformers: causal)")
     lines.append(json.dumps({"matmul_peak_gflops": round(peak, 1), "rows": results, "failed": list(failed.values())}))

@@ -17,7 +17,8 @@ which are STS-B sentences. ``--fbgemm``: PyTorch's real dynamic int8 kernels too
 (noisy on a shared machine): ``tensor7`` is PyTorch's own dynamic int8 linear (activations per tensor,
 asymmetric, 7 bits: ``reduce_range`` on x86), before and with per-channel weights and smoothing; ``decoder2vec``
 is ``decoder2vec.int8.Int8Linear`` as ``Encoder.from_pretrained(quantize="int8", backend="torch")`` runs it
-(per-token activation scales in 8 bits, per-channel weights in 7, smoothing).
+(per-token activation scales in 8 bits, per-channel weights in 8 bits with VNNI and 7 without, on the engine
+``decoder2vec.int8.int8_kernel`` picks, smoothing; every layer in int8: no mixed precision here).
 
     python bench/int8_sensitivity.py --model smollm2-135m [--adapter DIR ...] [--causal] [--pairs 150]
         [--smooth] [--alpha 0.5 ...] [--fbgemm [--no-simulation]]

@@ -4,6 +4,9 @@
   full-vocabulary logits at every position (as a causal LM loss does), then the same loss.
 - SimCSE, batch 16 x 32 tokens, attention dropout 0.3: ours embeds both dropout views in one forward pass of
   padding-free packs; plain embeds a padded batch twice, one forward pass per view.
+- Both: ours trains LoRA as training does by default (``fused_lora``, decoder2vec.train.fused_lora: one autograd
+  function per projection, a cheap dropout mask shared by the projections that read one input); plain runs peft's
+  own forward (a Bernoulli draw per projection, then separate scaling and addition), as the reference does.
 
 LoRA r=16 on every projection, AdamW, fp32 on the CPU with 2 threads (the 2-core CI machine), the shapes of
 the LLM2Vec reference's measurements in issue 10. Ours and plain run in one process on the same model, from
@@ -11,7 +14,7 @@ the same LoRA and optimizer state, on the same batches, alternating over rounds 
 so that drift of a shared machine hits both; each variant's first block follows one untimed warm-up step.
 The ratio is plain / ours, of wall-clock seconds and of the process's CPU time (with 1 thread, CPU time is the
 compute itself and barely moves when other jobs share the machine). MNTP's two variants compute the same loss
-(printed side by side).
+up to the dropout draws (printed side by side).
 
     .venv/bin/python bench/train_step.py [--steps 2] [--rounds 2] [--threads 2] [--model smollm2-135m]
 """

@@ -6,13 +6,20 @@ import numpy as np
 import pytest
 import torch
 
+import decoder2vec.int8 as int8_module
 from decoder2vec import Encoder
 from decoder2vec.cli import main
 from decoder2vec.int8 import (
     INT8_CALIBRATION_TEXTS,
+    INT8_ENGINE_VARIABLE,
     INT8_PROBE_TEXTS,
+    Int8Kernel,
     Int8Linear,
+    QuantizationError,
+    check_int8,
+    cosines_with_one_float32_layer,
     input_peaks,
+    int8_kernel,
     quantize_dynamic_int8,
     smoothed_linear,
     smoothing_scales,
@@ -115,22 +122,87 @@ def test_quantize_rejects_what_it_cannot_do(tmp_path):
         Encoder.from_pretrained(model, quantize="int8", backend="torch", dtype="bfloat16")
 
 
-def test_int8_refuses_a_model_it_would_move_too_far(tmp_path, monkeypatch):
+class _Noisy(torch.nn.Module):
+    """An int8 layer gone wrong (as a few of Gemma 3's are): its output plus noise ten times its spread."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        return y + 10 * y.std() * torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+
+
+def _inject_noise(monkeypatch, names: list[str]) -> None:
+    """int8 builds these layers of the decoder noisy; every other layer as usual."""
+    build = int8_module._int8_layers
+
+    def noisy(decoder, *args):
+        return {name: _Noisy(layer) if name in names else layer for name, layer in build(decoder, *args).items()}
+
+    monkeypatch.setattr(int8_module, "_int8_layers", noisy)
+
+
+def test_int8_keeps_the_layer_of_largest_error_in_float32_and_passes(tiny_llama_dir, monkeypatch):
+    fp32 = Encoder.from_pretrained(tiny_llama_dir, device="cpu")
+    clean = Encoder.from_pretrained(tiny_llama_dir, quantize="int8", backend="torch")
+    assert clean.float_layers == []  # nothing to keep: every layer runs in int8
+    _inject_noise(monkeypatch, ["layers.1.mlp.down_proj"])
+    int8 = Encoder.from_pretrained(tiny_llama_dir, quantize="int8", backend="torch")
+    assert int8.float_layers == ["layers.1.mlp.down_proj"]
+    linears = {n: m for n, m in int8.backbone.named_modules() if isinstance(m, (torch.nn.Linear, Int8Linear, _Noisy))}
+    assert type(linears.pop("layers.1.mlp.down_proj")) is torch.nn.Linear  # the float32 layer itself, unmodified
+    assert len(linears) == 13 and all(isinstance(m, Int8Linear) for m in linears.values())
+    assert _min_cosine(int8.encode(TEXTS), fp32.encode(TEXTS)) >= 0.99
+
+
+def test_int8_refuses_a_model_that_needs_more_float32_layers_than_allowed(tiny_llama_dir, monkeypatch):
     """SmolLM2 with bidirectional attention loses 9-10 STS-B points to int8 (bench/int8_sensitivity.py): refuse."""
-    import decoder2vec.model as model_module
+    _inject_noise(monkeypatch, ["layers.0.mlp.down_proj", "layers.1.self_attn.o_proj"])  # the cap is 1 of 14
+    with pytest.raises(QuantizationError, match=r"cosine of only .* 1 layer: layers\.\d.* most allowed .*of 14"):
+        Encoder.from_pretrained(tiny_llama_dir, quantize="int8", backend="torch")
 
-    folder = make_model_dir(tmp_path / "model", "llama")
-    quantize = model_module.quantize_dynamic_int8
 
-    def coarse(model, *args, **kwargs):  # int8 as it goes on a sensitive model: here, one layer's weights scrambled
+def test_probe_check_names_the_layers_kept_in_float32():
+    float_vectors = np.eye(3, 4)
+    assert check_int8(float_vectors, float_vectors + 0.01, "int8", ["layers.0.mlp.down_proj"]) > 0.99
+    with pytest.raises(QuantizationError, match=r"cosine of only 0\.\d+ .*1 layer: layers\.0\.mlp\.down_proj"):
+        check_int8(float_vectors, np.roll(float_vectors, 1, axis=1), "int8", ["layers.0.mlp.down_proj"])
+
+
+def test_cosines_with_one_float32_layer_find_the_layer_that_moves_the_vectors():
+    torch.manual_seed(0)
+    floats = {"0": torch.nn.Linear(16, 16), "1": torch.nn.Linear(16, 16)}
+    decoder = torch.nn.Sequential(*[copy.deepcopy(floats[n]) for n in ("0", "1")])
+    decoder[0], decoder[1] = Int8Linear(decoder[0]), _Noisy(Int8Linear(decoder[1]))  # "1" went wrong
+    x = torch.randn(5, 16)
+
+    def encode(texts):  # one vector per "text": a row of x
         with torch.no_grad():
-            layer = model.base_model.layers[-1].mlp.down_proj
-            layer.weight.mul_(1e3)
-        return quantize(model, *args, **kwargs)
+            return decoder(x[: len(texts)]).numpy()
 
-    monkeypatch.setattr(model_module, "quantize_dynamic_int8", coarse)
-    with pytest.raises(model_module.QuantizationError, match=r"cosine of only .*float32.*docs/inference.md"):
-        Encoder.from_pretrained(folder, quantize="int8", backend="torch")
+    with torch.no_grad():
+        reference = floats["1"](floats["0"](x)).numpy()
+    cosines = cosines_with_one_float32_layer(decoder, floats, encode, ["a"] * 5, reference)
+    assert cosines["1"] > 0.99 > 0.5 > cosines["0"], cosines  # putting "1" back fixes the vectors; "0" does not
+    assert isinstance(decoder[0], Int8Linear) and isinstance(decoder[1], _Noisy)  # left as it was
+
+
+def test_int8_kernel_follows_the_cpu_and_the_environment(monkeypatch):
+    monkeypatch.delenv(INT8_ENGINE_VARIABLE, raising=False)
+    monkeypatch.setattr(int8_module, "_cpu_has_vnni", lambda: False)  # AVX2: int16 pair sums, 7-bit weights
+    assert int8_kernel() == Int8Kernel(torch.backends.quantized.engine, 63)
+    if "onednn" in torch.backends.quantized.supported_engines:
+        monkeypatch.setattr(int8_module, "_cpu_has_vnni", lambda: True)  # int32 sums: 8 bits, oneDNN
+        assert int8_kernel() == Int8Kernel("onednn", 127)
+        monkeypatch.setenv(INT8_ENGINE_VARIABLE, torch.backends.quantized.engine)
+        assert int8_kernel() == Int8Kernel(torch.backends.quantized.engine, 127)
+    monkeypatch.setenv(INT8_ENGINE_VARIABLE, "tensorrt")
+    with pytest.raises(ValueError, match=f"{INT8_ENGINE_VARIABLE}='tensorrt'.*not in this PyTorch build"):
+        int8_kernel()
+    with pytest.raises(ValueError, match="weight_max is 127"):
+        Int8Kernel(torch.backends.quantized.engine, 100)
 
 
 def test_cli_encode_with_quantize(tmp_path):
@@ -198,14 +270,17 @@ def test_smoothing_and_token_scales_cut_int8_error_on_activation_outliers():
         quantize_dynamic_int8(_one_layer(linear), input_peaks={})
 
 
-def test_int8_linear_does_not_saturate_without_vnni():
-    """8-bit activations with 8-bit weights overflow the int16 pair sums of AVX2's kernel; 7-bit weights do not."""
+@pytest.mark.parametrize("kernel", ["this CPU's", "7-bit"])
+def test_int8_linear_does_not_saturate(kernel):
+    """8-bit activations with 8-bit weights overflow the int16 pair sums of AVX2's kernels; int8_kernel gives
+    8-bit weights only to CPUs with VNNI (int32 sums), and 7-bit weights are safe on every x86 kernel."""
     linear = torch.nn.Linear(256, 16)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(16, 128).sign().repeat_interleave(2, dim=1))  # pairs at the extremes
     x = torch.ones(8, 256)
     x[:, 0] = -1  # so the activations' zero point sits low and the other values near 255
-    assert _relative_error(Int8Linear(linear), linear, x) < 0.01
+    chosen = int8_kernel() if kernel == "this CPU's" else Int8Kernel(torch.backends.quantized.engine, 63)
+    assert _relative_error(Int8Linear(linear, kernel=chosen), linear, x) < 0.01
 
 
 def test_int8_linear_is_close_with_and_without_bias_and_per_token():

@@ -13,9 +13,24 @@ everything else away. :class:`Int8Linear` keeps the same int8 kernel and changes
    before the kernel (so the batch's one scale fits every row alike) and the output row multiplied back; the
    product is linear in each row, so this is exact in float. Padding and other texts no longer widen a
    text's scale.
-3. Activations in 8 bits instead of 7, weights per output channel in 7 (``[-63, 63]``): without AVX-512 VNNI
-   the kernel adds pairs of u8 x s8 products in int16 with saturation, which 7-bit activations avoid; 7-bit
-   weights avoid it as well (255 * 63 * 2 < 32767) and cost less accuracy than 7-bit activations.
+3. Activations in 8 bits instead of 7 and weights per output channel. The engine and the weights' range follow
+   the CPU (:func:`int8_kernel`): with VNNI (AVX-512 VNNI, and AMX on newer Xeons) the products add up in int32,
+   weights keep 8 bits (``[-127, 127]``) and the oneDNN engine runs them (its kernel alone 3-8x a float32
+   linear layer at Gemma 3 270M's sizes with AMX, x86/fbgemm's 2.6-3.1x; one thread, 768 tokens; see
+   ``bench/results/encode_int8_gemma3_amx.txt``). Without VNNI the kernels add
+   pairs of u8 x s8 products in int16 with saturation, so weights get 7 bits (``[-63, 63]``: 255 * 63 * 2 < 32767)
+   on PyTorch's default engine (x86), which costs less accuracy than 7-bit activations.
+
+Some layers still cost too much (Gemma 3 270M's ``layers.0.mlp.down_proj``): :func:`quantize_int8_checked`
+puts every layer in int8, and if a calibration text's vector is then further than :data:`INT8_MIN_COSINE` from
+float32, ranks the layers by how much each one alone back in float32 brings the worst calibration vectors back,
+and keeps them in float32 in that order until every calibration text passes, at most
+:data:`INT8_MAX_FLOAT_FRACTION` of the layers; the probe check (:func:`check_int8`) then decides on other texts.
+
+    float_layers = quantize_int8_checked(encoder.backbone, lambda texts: encoder.encode(texts, show_progress=False))
+    # every decoder linear is an Int8Linear now, but the ones named in float_layers
+
+Lower level, every layer in int8:
 
     peaks = input_peaks(encoder.backbone, lambda: encoder.encode(INT8_CALIBRATION_TEXTS, show_progress=False))
     model = quantize_dynamic_int8(encoder.model, input_peaks=peaks)  # every decoder linear: an Int8Linear
@@ -23,8 +38,12 @@ everything else away. :class:`Int8Linear` keeps the same int8 kernel and changes
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,17 +52,26 @@ from torch.ao.quantization.observer import default_dynamic_quant_observer
 
 from .eval.common import cosine_scores
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "INT8_CALIBRATION_TEXTS",
+    "INT8_ENGINE_VARIABLE",
+    "INT8_MAX_FLOAT_FRACTION",
     "INT8_MIN_COSINE",
     "INT8_PROBE_TEXTS",
+    "INT8_RANKING_TEXTS",
+    "Int8Kernel",
     "Int8Linear",
     "QUANTIZATIONS",
     "SMOOTHING_ALPHA",
     "QuantizationError",
     "check_int8",
+    "cosines_with_one_float32_layer",
     "input_peaks",
+    "int8_kernel",
     "quantize_dynamic_int8",
+    "quantize_int8_checked",
     "smoothed_linear",
     "smoothing_scales",
 ]
@@ -51,6 +79,13 @@ __all__ = [
 QUANTIZATIONS = ("int8",)
 # an int8 encoder must keep every probe vector this close (cosine) to its float32 one (issue 13's bound)
 INT8_MIN_COSINE = 0.99
+# at most this share of the decoder's linear layers (at least one) may stay in float32 to pass the check; a model
+# that needs more is refused: it would be neither an int8 model nor much faster than float32
+INT8_MAX_FLOAT_FRACTION = 0.1
+# how many of the calibration texts that int8 moves too far (the worst first) rank the layers to keep in float32
+INT8_RANKING_TEXTS = 4
+# names PyTorch's quantized engine to use instead of the one int8_kernel picks for this CPU (onednn, x86, fbgemm)
+INT8_ENGINE_VARIABLE = "DECODER2VEC_INT8_ENGINE"
 INT8_PROBE_TEXTS = [
     "A man is playing a guitar.",
     "Unusual characters: tab\there, emoji 🙂, accents éàü, symbols <s> </s> [SEP].",
@@ -97,21 +132,104 @@ class QuantizationError(ValueError):
     """int8 moves this model's vectors too far from its float32 ones."""
 
 
-def check_int8(float_vectors: np.ndarray, int8_vectors: np.ndarray, what: str) -> float:
-    """The smallest cosine between the int8 and float32 probe vectors; raises below :data:`INT8_MIN_COSINE`."""
+def check_int8(
+    float_vectors: np.ndarray, int8_vectors: np.ndarray, what: str, float_layers: list[str] | None = None
+) -> float:
+    """The smallest cosine between the int8 and float32 probe vectors; raises below :data:`INT8_MIN_COSINE`.
+
+    ``float_layers``: the layers left in float32 (:func:`quantize_int8_checked`), named in the error.
+    """
     cosine = float(cosine_scores(int8_vectors, float_vectors).min())
     if cosine < INT8_MIN_COSINE:
+        kept = f" (with {_named(float_layers)} kept in float32)" if float_layers else ""
         raise QuantizationError(
             f"{what} moves this model's vectors too far: a cosine of only {cosine:.4f} with its float32 vectors on "
-            f"probe texts (required {INT8_MIN_COSINE}). Some models (SmolLM2 with bidirectional attention among "
-            "them) are too sensitive to int8 rounding; run this one in float32 (an fp32 ONNX export "
+            f"probe texts{kept} (required {INT8_MIN_COSINE}). Some models (SmolLM2 with bidirectional attention "
+            "among them) are too sensitive to int8 rounding; run this one in float32 (an fp32 ONNX export "
             "is the faster CPU path) and see docs/inference.md"
         )
     return cosine
 
 
+def _named(layers: list[str]) -> str:
+    return f"{len(layers)} layer{'s' if len(layers) != 1 else ''}: {', '.join(layers)}"
+
+
+@dataclass(frozen=True)
+class Int8Kernel:
+    """Which PyTorch engine packs (and so runs) the int8 weights, and the range they are rounded to."""
+
+    engine: str  # a torch.backends.quantized engine: onednn, x86, fbgemm, qnnpack
+    weight_max: int  # weights per output channel in [-weight_max, weight_max]: 127 (8 bits) or 63 (7 bits)
+
+    def __post_init__(self):
+        supported = torch.backends.quantized.supported_engines
+        if self.engine not in supported:
+            raise ValueError(
+                f"int8 engine {self.engine!r} is not in this PyTorch build; choose one of: {', '.join(supported)}"
+            )
+        if self.weight_max not in (63, 127):
+            raise ValueError(
+                f"weight_max is 127 (8-bit weights) or 63 (7-bit, for CPUs without VNNI), not {self.weight_max}"
+            )
+
+    def qconfig(self) -> QConfig:
+        return QConfig(
+            activation=default_dynamic_quant_observer,
+            weight=PerChannelMinMaxObserver.with_args(
+                dtype=torch.qint8,
+                qscheme=torch.per_channel_symmetric,
+                quant_min=-self.weight_max,
+                quant_max=self.weight_max,
+            ),
+        )
+
+    @contextlib.contextmanager
+    def packing(self) -> Iterator[None]:
+        """PyTorch packs weights for its current global engine: switch to ours, then back.
+
+        The packed weights carry their engine: they run with its kernel whatever the global engine is later.
+        """
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = self.engine
+        try:
+            yield
+        finally:
+            torch.backends.quantized.engine = previous
+
+
+def _cpu_has_vnni() -> bool:
+    """AVX-512 VNNI (AMX CPUs have it too): int8 products summed in int32, with no int16 saturation."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)  # private, so unknown counts as absent (7-bit: safe)
+    return bool(probe()) if probe is not None else False
+
+
+def int8_kernel() -> Int8Kernel:
+    """The int8 engine and weight range for this CPU; :data:`INT8_ENGINE_VARIABLE` overrides the engine.
+
+    With VNNI: oneDNN and 8-bit weights (per layer at Gemma 3 270M's sizes, oneDNN's kernel was 1.2-2.8x
+    x86/fbgemm's with AMX, 1.0-1.25x with oneDNN held to AVX-512 VNNI). Without: PyTorch's default engine (x86 on
+    x86) and 7-bit weights,
+    since the int16 pair sums of AVX2's kernels saturate with 8-bit weights (oneDNN's as well).
+    """
+    vnni = _cpu_has_vnni()
+    engine = os.environ.get(INT8_ENGINE_VARIABLE)
+    if engine is None:
+        supported = torch.backends.quantized.supported_engines
+        engine = "onednn" if vnni and "onednn" in supported else torch.backends.quantized.engine
+    try:
+        return Int8Kernel(engine, 127 if vnni else 63)
+    except ValueError as error:
+        raise ValueError(f"{INT8_ENGINE_VARIABLE}={engine!r}: {error}") from None
+
+
 def _decoder_linears(decoder: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {name: module for name, module in decoder.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def _replace(decoder: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(decoder.get_submodule(parent) if parent else decoder, child, module)
 
 
 def input_peaks(decoder: torch.nn.Module, run: Callable[[], object]) -> dict[str, torch.Tensor]:
@@ -163,42 +281,41 @@ def smoothed_linear(linear: torch.nn.Linear, scales: torch.Tensor) -> torch.nn.L
     return out
 
 
-# 7-bit weights per output channel: with 8-bit activations, a pair of products stays within int16 (see above)
-_WEIGHT_QCONFIG = QConfig(
-    activation=default_dynamic_quant_observer,
-    weight=PerChannelMinMaxObserver.with_args(
-        dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-63, quant_max=63
-    ),
-)
-
-
 class Int8Linear(torch.nn.Module):
     """``linear(x)`` with PyTorch's dynamic int8 kernel: smoothed, per-token scaled, 8-bit activations.
 
     ``scales`` are the smoothing scales (:func:`smoothing_scales`); ``None`` leaves the channels as they are.
+    ``kernel`` (engine and weight range) defaults to :func:`int8_kernel`'s choice for this CPU.
     """
 
-    def __init__(self, linear: torch.nn.Linear, scales: torch.Tensor | None = None):
+    def __init__(self, linear: torch.nn.Linear, scales: torch.Tensor | None = None, kernel: Int8Kernel | None = None):
         super().__init__()
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+        self.kernel = int8_kernel() if kernel is None else kernel
         scales = torch.ones(linear.in_features) if scales is None else scales.float()
         smoothed = smoothed_linear(linear, scales)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("inverse_scales", (1 / scales).contiguous())  # (in,)
         self.register_buffer("bias", None if smoothed.bias is None else smoothed.bias.detach().clone())  # (out,)
-        smoothed.bias, smoothed.qconfig = None, _WEIGHT_QCONFIG  # the bias is added after scaling back
-        with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao
+        smoothed.bias, smoothed.qconfig = None, self.kernel.qconfig()  # the bias is added after scaling back
+        with warnings.catch_warnings(), self.kernel.packing():  # torch.ao's eager quantization is deprecated
             warnings.simplefilter("ignore")
             self.inner = DynamicLinear.from_float(smoothed)  # holds the int8 weights, packed for the kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.inverse_scales  # (..., in)
-        peak = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-20)  # (..., 1): one scale per token
-        # reduce_range=False: 8-bit activations (the module's forward would use 7); safe with 7-bit weights
-        y = torch.ops.quantized.linear_dynamic(x.div_(peak), self.inner._packed_params._packed_params, False)
+        # one scale per token; amax and amin each run faster than abs().amax and allocate nothing of x's size
+        peak = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).clamp_(min=1e-20)
+        # reduce_range=False: 8-bit activations (the module's forward would use 7); safe with the kernel's weights
+        y = torch.ops.quantized.linear_dynamic(
+            x.mul_(peak.reciprocal()), self.inner._packed_params._packed_params, False
+        )
         y = y.to(x.dtype).mul_(peak)  # (..., out)
         return y if self.bias is None else y.add_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
 
 def quantize_dynamic_int8(
@@ -206,8 +323,9 @@ def quantize_dynamic_int8(
     quantize: str = "int8",
     input_peaks: dict[str, torch.Tensor] | None = None,
     alpha: float = SMOOTHING_ALPHA,
+    kernel: Int8Kernel | None = None,
 ) -> torch.nn.Module:
-    """PyTorch's dynamic int8 (x86/fbgemm engine) for every linear layer of the decoder; adapters merged first.
+    """PyTorch's dynamic int8 for every linear layer of the decoder; adapters merged first.
 
     Every linear layer becomes an :class:`Int8Linear`, smoothed when ``input_peaks`` is given (from
     :func:`input_peaks` on ``model.base_model``, the float model after merging). The LM head is left out:
@@ -218,13 +336,96 @@ def quantize_dynamic_int8(
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     decoder = model.base_model
-    linears = _decoder_linears(decoder)
-    if input_peaks is not None and set(linears) - set(input_peaks):
-        missing = sorted(set(linears) - set(input_peaks))
-        raise ValueError(f"no calibrated input peaks for {missing[:3]}...; calibrate the merged model's decoder")
-    for name, linear in linears.items():
-        scales = None if input_peaks is None else smoothing_scales(input_peaks[name], linear.weight, alpha)
-        new = Int8Linear(linear, scales)
-        parent, _, child = name.rpartition(".")
-        setattr(decoder.get_submodule(parent) if parent else decoder, child, new)
+    for name, layer in _int8_layers(decoder, input_peaks, alpha, kernel or int8_kernel()).items():
+        _replace(decoder, name, layer)
     return model
+
+
+def _int8_layers(decoder, peaks, alpha, kernel) -> dict[str, Int8Linear]:
+    """An :class:`Int8Linear` for every linear layer of ``decoder``, by name; the decoder is left as it is."""
+    linears = _decoder_linears(decoder)
+    if peaks is not None and set(linears) - set(peaks):
+        missing = sorted(set(linears) - set(peaks))
+        raise ValueError(f"no calibrated input peaks for {missing[:3]}...; calibrate the merged model's decoder")
+    return {
+        name: Int8Linear(
+            linear, None if peaks is None else smoothing_scales(peaks[name], linear.weight, alpha), kernel
+        )
+        for name, linear in linears.items()
+    }
+
+
+def cosines_with_one_float32_layer(
+    decoder: torch.nn.Module,
+    float_layers: dict[str, torch.nn.Module],
+    encode: Callable[[list[str]], np.ndarray],
+    texts: list[str],
+    reference: np.ndarray,
+) -> dict[str, float]:
+    """For each layer of ``float_layers``: the smallest cosine of ``encode(texts)`` to ``reference`` with that
+    layer alone put back (in ``decoder``, by name) and every other layer as it is; the decoder is left as it was.
+
+    It measures what each int8 layer costs the vectors where they are, errors carried through every later layer
+    included: Gemma 3's worst layer (``layers.0.mlp.down_proj``) is not among those of largest error of its own.
+    """
+    cosines = {}
+    for name, layer in float_layers.items():
+        current = decoder.get_submodule(name)
+        _replace(decoder, name, layer)
+        try:
+            cosines[name] = float(cosine_scores(encode(texts), reference).min())
+        finally:
+            _replace(decoder, name, current)
+    return cosines
+
+
+def quantize_int8_checked(
+    decoder: torch.nn.Module,
+    encode: Callable[[list[str]], np.ndarray],
+    what: str = "PyTorch's dynamic int8",
+    kernel: Int8Kernel | None = None,
+) -> list[str]:
+    """Every linear layer of ``decoder`` to an :class:`Int8Linear`, in place, but the few that int8 hurts most.
+
+    ``encode(texts)`` embeds texts with the model that holds ``decoder`` (merged, in float32 on the CPU). In
+    order: float32 vectors of the probe and calibration texts, smoothing calibrated on the calibration texts
+    (:func:`input_peaks`), every layer in int8; then, if a calibration vector is further than
+    :data:`INT8_MIN_COSINE` from its float32 one, the layers are ranked by how close the (at most
+    :data:`INT8_RANKING_TEXTS`) worst calibration vectors come back with that layer alone in float32
+    (:func:`cosines_with_one_float32_layer`), and put back in float32 in that order until every calibration
+    vector passes, at most :data:`INT8_MAX_FLOAT_FRACTION` of them. :func:`check_int8` then proves the result on
+    the probe texts, none of which calibrated or ranked anything. Returns the names of the layers kept in
+    float32, in the order they were put back; raises :class:`QuantizationError` past the cap or when the probe
+    check fails.
+    """
+    probe_vectors = encode(INT8_PROBE_TEXTS)
+    calibration: list[np.ndarray] = []
+    peaks = input_peaks(decoder, lambda: calibration.append(encode(INT8_CALIBRATION_TEXTS)))
+    reference = calibration[0]
+    linears = _decoder_linears(decoder)
+    for name, layer in _int8_layers(decoder, peaks, SMOOTHING_ALPHA, kernel or int8_kernel()).items():
+        _replace(decoder, name, layer)
+    cosines = cosine_scores(encode(INT8_CALIBRATION_TEXTS), reference)
+    kept: list[str] = []
+    if cosines.min() < INT8_MIN_COSINE:
+        worst = [int(i) for i in np.argsort(cosines)[:INT8_RANKING_TEXTS] if cosines[i] < INT8_MIN_COSINE]
+        texts = [INT8_CALIBRATION_TEXTS[i] for i in worst]
+        ranking = cosines_with_one_float32_layer(decoder, linears, encode, texts, reference[worst])
+        cap = max(1, int(len(linears) * INT8_MAX_FLOAT_FRACTION))
+        for name in sorted(ranking, key=ranking.get, reverse=True)[:cap]:
+            _replace(decoder, name, linears[name])
+            kept.append(name)
+            cosines = cosine_scores(encode(INT8_CALIBRATION_TEXTS), reference)
+            if cosines.min() >= INT8_MIN_COSINE:
+                break
+        else:
+            raise QuantizationError(
+                f"{what} moves this model's vectors too far: a cosine of only {cosines.min():.4f} with its float32 "
+                f"vectors on calibration texts with {_named(kept)} kept in float32, the most allowed "
+                f"({INT8_MAX_FLOAT_FRACTION:.0%} of {len(linears)}; required {INT8_MIN_COSINE}). Run this model in "
+                "float32 (an fp32 ONNX export is the faster CPU path) and see docs/inference.md"
+            )
+    check_int8(probe_vectors, encode(INT8_PROBE_TEXTS), what, kept)
+    if kept:
+        logger.info("int8: %s kept in float32 (of %d linear layers)", _named(kept), len(linears))
+    return kept

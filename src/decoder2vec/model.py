@@ -24,14 +24,12 @@ from .config import option, save_config
 from .depth import keep_first_layers
 from .inputs import TextInput, TextPrompt, normalize_inputs, pad_batch, resolve_prompt, tokenize
 from .int8 import (  # int8 names are still importable from here; from_pretrained reads them from this module
-    INT8_CALIBRATION_TEXTS,
     INT8_MIN_COSINE,  # noqa: F401
-    INT8_PROBE_TEXTS,
+    INT8_PROBE_TEXTS,  # noqa: F401
     QUANTIZATIONS,
     QuantizationError,  # noqa: F401
-    check_int8,
-    input_peaks,
-    quantize_dynamic_int8,
+    check_int8,  # noqa: F401
+    quantize_int8_checked,
 )
 from .llm2vec_compat import detect_llm2vec_checkpoint
 from .pooling import POOLING_MODES, pool
@@ -129,6 +127,7 @@ class Encoder(torch.nn.Module):
         self._replica_cache: tuple[tuple[str, ...], list[Encoder]] | None = None  # (devices, encoders)
         self.backend = getattr(model, "backend", "torch")  # onnx: an OnnxModel runs the graph with onnxruntime
         self.quantize: str | None = None  # int8 after from_pretrained(quantize="int8")
+        self.float_layers: list[str] = []  # with PyTorch's int8: the decoder's linear layers it kept in float32
         if self.backend == "torch":  # an ONNX graph was exported at its depth already
             keep_first_layers(self.model, config.num_layers)
         set_bidirectional(self.model, config.bidirectional)
@@ -161,7 +160,9 @@ class Encoder(torch.nn.Module):
         ``torch`` or ``onnx`` (onnxruntime). A folder written by ``export --format onnx`` runs with onnxruntime;
         any other source with ``backend="onnx"`` or ``quantize="int8"`` is exported to ONNX once into the cache
         (``decoder2vec.onnx_export.cached_onnx_folder``): int8 defaults to onnxruntime, the faster of the two
-        measured (``bench/encode.py``); ``backend="torch"`` gives PyTorch's dynamic int8 instead.
+        measured (``bench/encode.py``); ``backend="torch"`` gives PyTorch's dynamic int8 instead, on the engine this
+        CPU runs fastest, with the few layers int8 would hurt most kept in float32 (``float_layers``; see
+        :func:`decoder2vec.int8.quantize_int8_checked`).
         """
         resolved = resolve_source(source)
         saved = EncoderConfig.load(resolved) if Path(resolved).is_dir() else None
@@ -195,14 +196,11 @@ class Encoder(torch.nn.Module):
         encoder = cls(model.to(device), tokenizer, config, source=os.fspath(source))
         encoder.adapters = adapters  # the folders loaded, in order (a model card lists their training stages)
         encoder.verify_attention()  # in float, before any quantization (see verify_attention)
-        if quantize is not None:  # smoothing calibrated on some texts, proven on others (decoder2vec.int8)
+        if quantize is not None:  # calibrated on some texts, proven on others (decoder2vec.int8)
             if hasattr(encoder.model, "merge_and_unload"):
                 encoder.model = encoder.model.merge_and_unload()
-            float_vectors = encoder.encode(INT8_PROBE_TEXTS, batch_size=3, show_progress=False)
-            peaks = input_peaks(encoder.backbone, lambda: encoder.encode(INT8_CALIBRATION_TEXTS, show_progress=False))
-            encoder.model, encoder.quantize = quantize_dynamic_int8(encoder.model, quantize, peaks), quantize
-            int8_vectors = encoder.encode(INT8_PROBE_TEXTS, batch_size=3, show_progress=False)
-            check_int8(float_vectors, int8_vectors, "PyTorch's dynamic int8")
+            encode = lambda texts: encoder.encode(texts, show_progress=False)  # noqa: E731
+            encoder.float_layers, encoder.quantize = quantize_int8_checked(encoder.backbone, encode), quantize
         return encoder.eval()
 
     @classmethod

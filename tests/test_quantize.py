@@ -13,14 +13,18 @@ from decoder2vec.int8 import (
     INT8_CALIBRATION_TEXTS,
     INT8_ENGINE_VARIABLE,
     INT8_PROBE_TEXTS,
+    INT8_RULE_TEXTS,
+    Int8Embedding,
     Int8Kernel,
     Int8Linear,
     QuantizationError,
     check_int8,
     cosines_with_one_float32_layer,
     input_peaks,
+    int8_embedding,
     int8_kernel,
     quantize_dynamic_int8,
+    release_float_weights,
     smoothed_linear,
     smoothing_scales,
 )
@@ -159,8 +163,9 @@ def test_int8_keeps_the_layer_of_largest_error_in_float32_and_passes(tiny_llama_
 
 def test_int8_refuses_a_model_that_needs_more_float32_layers_than_allowed(tiny_llama_dir, monkeypatch):
     """SmolLM2 with bidirectional attention loses 9-10 STS-B points to int8 (bench/int8_sensitivity.py): refuse."""
-    _inject_noise(monkeypatch, ["layers.0.mlp.down_proj", "layers.1.self_attn.o_proj"])  # the cap is 1 of 14
-    with pytest.raises(QuantizationError, match=r"cosine of only .* 1 layer: layers\.\d.* most allowed .*of 14"):
+    # the cap is 1 of 15 (14 linear layers and the embedding table)
+    _inject_noise(monkeypatch, ["layers.0.mlp.down_proj", "layers.1.self_attn.o_proj"])
+    with pytest.raises(QuantizationError, match=r"cosine of only .* 1 layer: layers\.\d.* most allowed .*of 15"):
         Encoder.from_pretrained(tiny_llama_dir, quantize="int8", backend="torch")
 
 
@@ -299,3 +304,58 @@ def test_int8_is_calibrated_on_texts_apart_from_the_probe_texts():
     """The probe check would prove nothing if the scales had been fitted on the probe texts themselves."""
     assert not set(INT8_CALIBRATION_TEXTS) & set(INT8_PROBE_TEXTS)
     assert not set(INT8_CALIBRATION_TEXTS) & set(TEXTS)
+    # the layers kept in float32 are chosen on the calibration texts and on the empty text alone, which has one form
+    assert set(INT8_RULE_TEXTS) & set(INT8_PROBE_TEXTS) == {""}
+
+
+def test_int8_embedding_table_looks_up_its_rows_within_half_a_step():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(1000, 64)
+    int8 = int8_embedding(table)
+    assert isinstance(int8, Int8Embedding) and int8.rows.dtype == torch.int8
+    assert int8.rows.shape == table.weight.shape  # a byte a weight instead of four
+    ids = torch.tensor([[0, 5, 999], [3, 3, 7]])
+    want, got = table(ids).detach(), int8(ids)
+    step = want.abs().amax(dim=-1, keepdim=True) / 127  # each row on its own grid of 255 levels
+    assert bool(((got - want).abs() <= step / 2 + 1e-6).all())
+    assert float((got - want).abs().max()) > 0  # rounded: not the float32 table kept under another name
+
+
+def test_int8_embedding_keeps_a_scaled_lookup_and_leaves_other_modules_in_float():
+    class Scaled(torch.nn.Embedding):  # as Gemma's: the rows times the square root of the width
+        def forward(self, ids):
+            return super().forward(ids) * 8.0
+
+    class Shifted(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) + 1.0
+
+    torch.manual_seed(0)
+    scaled, ids = Scaled(100, 16), torch.tensor([1, 50, 99])
+    assert torch.allclose(int8_embedding(scaled)(ids), scaled(ids), rtol=0.01, atol=0.05)
+    assert int8_embedding(Shifted(100, 16)) is None  # not rows times a constant: left in float32
+    assert int8_embedding(torch.nn.Linear(4, 4)) is None
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_int8_encoder_holds_no_float32_copy_of_its_int8_weights(tmp_path, model_type):
+    model = make_model_dir(tmp_path / "model", model_type)
+    fp32 = Encoder.from_pretrained(model, device="cpu")
+    int8 = Encoder.from_pretrained(model, quantize="int8", backend="torch")
+    assert isinstance(int8.backbone.get_input_embeddings(), Int8Embedding)
+    float_weights = sum(p.numel() for p in int8.model.parameters() if p.is_floating_point())
+    norms = sum(p.numel() for n, p in fp32.model.named_parameters() if "norm" in n)
+    assert float_weights == norms  # nothing kept in float32 here: the norms are all that is left
+    with pytest.raises(RuntimeError, match="dropped its LM head"):
+        int8.model.get_output_embeddings()(torch.zeros(1, fp32.dim))
+    assert _min_cosine(int8.encode(TEXTS), fp32.encode(TEXTS)) >= 0.99
+
+
+def test_release_float_weights_copies_every_float_tensor_out_of_the_loaded_storage(tmp_path):
+    encoder = Encoder.from_pretrained(make_model_dir(tmp_path / "model", "llama"), device="cpu")
+    before = {name: p.data_ptr() for name, p in encoder.backbone.named_parameters()}
+    vectors = encoder.encode(TEXTS)
+    release_float_weights(encoder.model)
+    after = {name: p.data_ptr() for name, p in encoder.backbone.named_parameters()}
+    assert not set(before.values()) & set(after.values())  # copies, so the checkpoint's mapping can go
+    assert np.allclose(encoder.encode(TEXTS), vectors, atol=1e-6)

@@ -61,6 +61,8 @@ __all__ = [
     "INT8_MIN_COSINE",
     "INT8_PROBE_TEXTS",
     "INT8_RANKING_TEXTS",
+    "INT8_RULE_TEXTS",
+    "Int8Embedding",
     "Int8Kernel",
     "Int8Linear",
     "QUANTIZATIONS",
@@ -69,9 +71,11 @@ __all__ = [
     "check_int8",
     "cosines_with_one_float32_layer",
     "input_peaks",
+    "int8_embedding",
     "int8_kernel",
     "quantize_dynamic_int8",
     "quantize_int8_checked",
+    "release_float_weights",
     "smoothed_linear",
     "smoothing_scales",
 ]
@@ -123,6 +127,11 @@ INT8_CALIBRATION_TEXTS = [
     "A woman is riding a horse along the beach at sunset.",
     "Why is the sky blue?",
 ]
+# the texts whose vectors decide which layers stay in float32: the calibration texts and the empty text. The empty
+# text has one form (the BOS token alone, or nothing), so checking it here proves the vector of every empty row; it
+# is the probe text int8 moved furthest on Gemma 3 270M with a trained adapter (cosine 0.982: BOS alone carries the
+# model's largest activations)
+INT8_RULE_TEXTS = [*INT8_CALIBRATION_TEXTS, ""]
 # how much of the activations' range moves into the weights (SmoothQuant's migration strength); of 0.5, 0.6,
 # 0.65 and 0.75, 0.65 kept Gemma 3 270M's vectors closest (bench/results/int8_sensitivity_smooth.txt)
 SMOOTHING_ALPHA = 0.65
@@ -318,6 +327,73 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
 
+class Int8Embedding(torch.nn.Module):
+    """An embedding table in int8 with one scale per row: a quarter of float32's memory, for the largest tensor of
+    most small decoders (Gemma 3 270M: 168M of its 268M weights). A lookup reads the int8 rows and scales them
+    back to float32; ``multiplier`` is what the original module multiplies its rows by (Gemma scales them by the
+    square root of the hidden size), found by :func:`int8_embedding`.
+    """
+
+    def __init__(self, weight: torch.Tensor, multiplier: float = 1.0, rows_at_once: int = 16384):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        rows = torch.empty(weight.shape, dtype=torch.int8)
+        scales = torch.empty(self.num_embeddings)
+        with torch.no_grad():
+            for start in range(0, self.num_embeddings, rows_at_once):  # bounded float scratch, not a table's worth
+                block = weight[start : start + rows_at_once].float()
+                scale = block.abs().amax(dim=1).clamp(min=1e-12) / 127
+                rows[start : start + rows_at_once] = torch.round(block / scale[:, None]).to(torch.int8)
+                scales[start : start + rows_at_once] = scale * multiplier
+        self.register_buffer("rows", rows)  # (vocab, dim) int8
+        self.register_buffer("row_scales", scales)  # (vocab,), the multiplier included
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.rows[input_ids].float().mul_(self.row_scales[input_ids].unsqueeze(-1))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 with a scale per row"
+
+
+def int8_embedding(module: torch.nn.Module) -> Int8Embedding | None:
+    """An :class:`Int8Embedding` of ``module`` when its lookup is its table's rows times one constant (an
+    ``nn.Embedding``, or a subclass that scales it, as Gemma's); ``None`` for anything else, left in float32.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, torch.nn.Embedding) or weight is None or weight.dim() != 2:
+        return None
+    with torch.no_grad():
+        ids = torch.arange(min(16, weight.shape[0]), device=weight.device)
+        looked_up, rows = module(ids).float(), weight[ids].float()
+        multiplier = float((looked_up * rows).sum() / (rows * rows).sum().clamp(min=1e-30))
+        if not torch.allclose(looked_up, rows * multiplier, rtol=1e-3, atol=1e-6):
+            return None
+    return Int8Embedding(weight, multiplier)
+
+
+class _NoLMHead(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(
+            "this int8 encoder dropped its LM head (encoding never runs it); load the model without quantize to "
+            "generate or train"
+        )
+
+
+def release_float_weights(model: torch.nn.Module) -> None:
+    """Let an int8 encoder's float32 weights go: the LM head (tied to the float32 embedding table in most small
+    models, and never run to encode) is replaced by a module that says so, and every tensor left in float32 (norms,
+    the layers kept in float32) is copied, so that none points into the checkpoint's memory map any more and the
+    mapping, float32 weights and all, can be released. Call it once the model is quantized.
+    """
+    if getattr(model, "get_output_embeddings", None) is not None and model.get_output_embeddings() is not None:
+        model.set_output_embeddings(_NoLMHead())
+    with torch.no_grad():
+        for module in model.modules():
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if tensor is not None and tensor.is_floating_point():
+                    tensor.data = tensor.data.clone()
+
+
 def quantize_dynamic_int8(
     model: torch.nn.Module,
     quantize: str = "int8",
@@ -385,47 +461,53 @@ def quantize_int8_checked(
     what: str = "PyTorch's dynamic int8",
     kernel: Int8Kernel | None = None,
 ) -> list[str]:
-    """Every linear layer of ``decoder`` to an :class:`Int8Linear`, in place, but the few that int8 hurts most.
+    """Every linear layer of ``decoder`` to an :class:`Int8Linear` and its token embeddings to an
+    :class:`Int8Embedding` (:func:`int8_embedding`), in place, but the few that int8 hurts most.
 
     ``encode(texts)`` embeds texts with the model that holds ``decoder`` (merged, in float32 on the CPU). In
-    order: float32 vectors of the probe and calibration texts, smoothing calibrated on the calibration texts
-    (:func:`input_peaks`), every layer in int8; then, if a calibration vector is further than
+    order: float32 vectors of the probe and rule texts, smoothing calibrated on the calibration texts
+    (:func:`input_peaks`), every layer in int8; then, if a vector of :data:`INT8_RULE_TEXTS` is further than
     :data:`INT8_MIN_COSINE` from its float32 one, the layers are ranked by how close the (at most
-    :data:`INT8_RANKING_TEXTS`) worst calibration vectors come back with that layer alone in float32
-    (:func:`cosines_with_one_float32_layer`), and put back in float32 in that order until every calibration
-    vector passes, at most :data:`INT8_MAX_FLOAT_FRACTION` of them. :func:`check_int8` then proves the result on
-    the probe texts, none of which calibrated or ranked anything. Returns the names of the layers kept in
-    float32, in the order they were put back; raises :class:`QuantizationError` past the cap or when the probe
+    :data:`INT8_RANKING_TEXTS`) worst of them come back with that layer alone in float32
+    (:func:`cosines_with_one_float32_layer`), and put back in float32 in that order until every rule text passes,
+    at most :data:`INT8_MAX_FLOAT_FRACTION` of them. :func:`check_int8` then proves the result on the probe texts;
+    of those only the empty text (which has one form) took part in the rule. Returns the names of the layers kept
+    in float32, in the order they were put back; raises :class:`QuantizationError` past the cap or when the probe
     check fails.
     """
     probe_vectors = encode(INT8_PROBE_TEXTS)
-    calibration: list[np.ndarray] = []
-    peaks = input_peaks(decoder, lambda: calibration.append(encode(INT8_CALIBRATION_TEXTS)))
-    reference = calibration[0]
-    linears = _decoder_linears(decoder)
+    peaks = input_peaks(decoder, lambda: encode(INT8_CALIBRATION_TEXTS))
+    reference = encode(INT8_RULE_TEXTS)
+    layers: dict[str, torch.nn.Module] = dict(_decoder_linears(decoder))  # the float32 modules, by name
     for name, layer in _int8_layers(decoder, peaks, SMOOTHING_ALPHA, kernel or int8_kernel()).items():
         _replace(decoder, name, layer)
-    cosines = cosine_scores(encode(INT8_CALIBRATION_TEXTS), reference)
+    embedding = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+    int8_table = None if embedding is None else int8_embedding(embedding)
+    if int8_table is not None:
+        name = next(name for name, module in decoder.named_modules() if module is embedding)
+        layers[name] = embedding
+        _replace(decoder, name, int8_table)
+    cosines = cosine_scores(encode(INT8_RULE_TEXTS), reference)
     kept: list[str] = []
     if cosines.min() < INT8_MIN_COSINE:
         worst = [int(i) for i in np.argsort(cosines)[:INT8_RANKING_TEXTS] if cosines[i] < INT8_MIN_COSINE]
-        texts = [INT8_CALIBRATION_TEXTS[i] for i in worst]
-        ranking = cosines_with_one_float32_layer(decoder, linears, encode, texts, reference[worst])
-        cap = max(1, int(len(linears) * INT8_MAX_FLOAT_FRACTION))
+        texts = [INT8_RULE_TEXTS[i] for i in worst]
+        ranking = cosines_with_one_float32_layer(decoder, layers, encode, texts, reference[worst])
+        cap = max(1, int(len(layers) * INT8_MAX_FLOAT_FRACTION))
         for name in sorted(ranking, key=ranking.get, reverse=True)[:cap]:
-            _replace(decoder, name, linears[name])
+            _replace(decoder, name, layers[name])
             kept.append(name)
-            cosines = cosine_scores(encode(INT8_CALIBRATION_TEXTS), reference)
+            cosines = cosine_scores(encode(INT8_RULE_TEXTS), reference)
             if cosines.min() >= INT8_MIN_COSINE:
                 break
         else:
             raise QuantizationError(
                 f"{what} moves this model's vectors too far: a cosine of only {cosines.min():.4f} with its float32 "
                 f"vectors on calibration texts with {_named(kept)} kept in float32, the most allowed "
-                f"({INT8_MAX_FLOAT_FRACTION:.0%} of {len(linears)}; required {INT8_MIN_COSINE}). Run this model in "
+                f"({INT8_MAX_FLOAT_FRACTION:.0%} of {len(layers)}; required {INT8_MIN_COSINE}). Run this model in "
                 "float32 (an fp32 ONNX export is the faster CPU path) and see docs/inference.md"
             )
     check_int8(probe_vectors, encode(INT8_PROBE_TEXTS), what, kept)
     if kept:
-        logger.info("int8: %s kept in float32 (of %d linear layers)", _named(kept), len(linears))
+        logger.info("int8: %s kept in float32 (of %d layers)", _named(kept), len(layers))
     return kept

@@ -30,6 +30,7 @@ from .int8 import (  # int8 names are still importable from here; from_pretraine
     QuantizationError,  # noqa: F401
     check_int8,  # noqa: F401
     quantize_int8_checked,
+    release_float_weights,
 )
 from .llm2vec_compat import detect_llm2vec_checkpoint
 from .pooling import POOLING_MODES, pool
@@ -201,6 +202,7 @@ class Encoder(torch.nn.Module):
                 encoder.model = encoder.model.merge_and_unload()
             encode = lambda texts: encoder.encode(texts, show_progress=False)  # noqa: E731
             encoder.float_layers, encoder.quantize = quantize_int8_checked(encoder.backbone, encode), quantize
+            release_float_weights(encoder.model)  # the LM head and the checkpoint's float32 copies
         return encoder.eval()
 
     @classmethod

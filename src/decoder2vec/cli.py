@@ -47,7 +47,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=("torch", "onnx"),
         default=None,
-        help="torch | onnx (onnxruntime); default: onnx for an ONNX export or with --quantize, else torch",
+        help="torch | onnx (onnxruntime); default: onnx for an ONNX export, else torch (int8 included)",
     )
     add_arguments(parser, EncoderConfig)
 

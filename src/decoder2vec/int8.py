@@ -328,31 +328,36 @@ class Int8Linear(torch.nn.Module):
 
 
 class Int8Embedding(torch.nn.Module):
-    """An embedding table in int8 with one scale per row: a quarter of float32's memory, for the largest tensor of
-    most small decoders (Gemma 3 270M: 168M of its 268M weights). A lookup reads the int8 rows and scales them
-    back to float32; ``multiplier`` is what the original module multiplies its rows by (Gemma scales them by the
-    square root of the hidden size), found by :func:`int8_embedding`.
+    """An embedding table in int8 with a scale for each block of ``block`` values of a row: about a quarter of
+    float32's memory, for the largest tensor of most small decoders (Gemma 3 270M: 168M of its 268M weights). A
+    lookup reads the int8 rows and scales them back to float32; ``multiplier`` is what the original module
+    multiplies its rows by (Gemma scales them by the square root of the hidden size), found by
+    :func:`int8_embedding`. Blocks, not one scale a row, because a few channels of every row are far larger than
+    the rest (Gemma 3 270M: STS-B -0.6 with a scale a row, measured on 400 test pairs).
     """
 
-    def __init__(self, weight: torch.Tensor, multiplier: float = 1.0, rows_at_once: int = 16384):
+    def __init__(self, weight: torch.Tensor, multiplier: float = 1.0, block: int = 32, rows_at_once: int = 16384):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
+        self.block = block if self.embedding_dim % block == 0 else self.embedding_dim
+        blocks = self.embedding_dim // self.block
         rows = torch.empty(weight.shape, dtype=torch.int8)
-        scales = torch.empty(self.num_embeddings)
+        scales = torch.empty(self.num_embeddings, blocks)
         with torch.no_grad():
             for start in range(0, self.num_embeddings, rows_at_once):  # bounded float scratch, not a table's worth
-                block = weight[start : start + rows_at_once].float()
-                scale = block.abs().amax(dim=1).clamp(min=1e-12) / 127
-                rows[start : start + rows_at_once] = torch.round(block / scale[:, None]).to(torch.int8)
-                scales[start : start + rows_at_once] = scale * multiplier
+                chunk = weight[start : start + rows_at_once].float().reshape(-1, blocks, self.block)
+                scale = chunk.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+                rows[start : start + rows_at_once] = torch.round(chunk / scale).to(torch.int8).flatten(1)
+                scales[start : start + rows_at_once] = scale.squeeze(-1) * multiplier
         self.register_buffer("rows", rows)  # (vocab, dim) int8
-        self.register_buffer("row_scales", scales)  # (vocab,), the multiplier included
+        self.register_buffer("block_scales", scales)  # (vocab, dim / block), the multiplier included
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.rows[input_ids].float().mul_(self.row_scales[input_ids].unsqueeze(-1))
+        rows = self.rows[input_ids].float().unflatten(-1, (-1, self.block))  # (..., blocks, block)
+        return rows.mul_(self.block_scales[input_ids].unsqueeze(-1)).flatten(-2)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 with a scale per row"
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 with a scale per {self.block} values"
 
 
 def int8_embedding(module: torch.nn.Module) -> Int8Embedding | None:
@@ -388,10 +393,9 @@ def release_float_weights(model: torch.nn.Module) -> None:
     if getattr(model, "get_output_embeddings", None) is not None and model.get_output_embeddings() is not None:
         model.set_output_embeddings(_NoLMHead())
     with torch.no_grad():
-        for module in model.modules():
-            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                if tensor is not None and tensor.is_floating_point():
-                    tensor.data = tensor.data.clone()
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.clone()
 
 
 def quantize_dynamic_int8(

@@ -32,7 +32,7 @@ float32 brings the worst of them back, and keeps them in float32 in that order u
 :data:`INT8_MAX_FLOAT_FRACTION` of the layers; the probe check (:func:`check_int8`) then decides on other texts.
 
     float_layers = quantize_int8_checked(encoder.backbone, lambda texts: encoder.encode(texts, show_progress=False))
-    # every decoder linear is an Int8Linear now, but the ones named in float_layers
+    # every decoder linear is an Int8Linear now and the embedding table an Int8Embedding, but those in float_layers
 
 Lower level, every layer in int8:
 
@@ -65,6 +65,7 @@ __all__ = [
     "INT8_ENGINE_VARIABLE",
     "INT8_MAX_FLOAT_FRACTION",
     "INT8_MIN_COSINE",
+    "INT8_ONE_FORM_TEXTS",
     "INT8_PROBE_TEXTS",
     "INT8_RANKING_TEXTS",
     "INT8_RULE_TEXTS",
@@ -89,10 +90,11 @@ __all__ = [
 QUANTIZATIONS = ("int8",)
 # an int8 encoder must keep every probe vector this close (cosine) to its float32 one (issue 13's bound)
 INT8_MIN_COSINE = 0.99
-# at most this share of the decoder's linear layers (at least one) may stay in float32 to pass the check; a model
-# that needs more is refused: it would be neither an int8 model nor much faster than float32
+# at most this share of the decoder's int8 layers (linear layers and the embedding table; at least one) may stay in
+# float32 to pass the check; a model that needs more is refused: it would be neither an int8 model nor much faster
+# than float32
 INT8_MAX_FLOAT_FRACTION = 0.1
-# how many of the calibration texts that int8 moves too far (the worst first) rank the layers to keep in float32
+# how many of the rule texts that int8 moves too far (the worst first) rank the layers to keep in float32
 INT8_RANKING_TEXTS = 4
 # names PyTorch's quantized engine to use instead of the one int8_kernel picks for this CPU (onednn, x86, fbgemm)
 INT8_ENGINE_VARIABLE = "DECODER2VEC_INT8_ENGINE"
@@ -137,7 +139,8 @@ INT8_CALIBRATION_TEXTS = [
 # text has one form (the BOS token alone, or nothing), so checking it here proves the vector of every empty row; it
 # is the probe text int8 moved furthest on Gemma 3 270M with a trained adapter (cosine 0.982: BOS alone carries the
 # model's largest activations)
-INT8_RULE_TEXTS = [*INT8_CALIBRATION_TEXTS, ""]
+INT8_ONE_FORM_TEXTS = [""]
+INT8_RULE_TEXTS = [*INT8_CALIBRATION_TEXTS, *INT8_ONE_FORM_TEXTS]
 # how much of the activations' range moves into the weights (SmoothQuant's migration strength); of 0.5, 0.6,
 # 0.65 and 0.75, 0.65 kept Gemma 3 270M's vectors closest (bench/results/int8_sensitivity_smooth.txt)
 SMOOTHING_ALPHA = 0.65
@@ -499,8 +502,9 @@ def quantize_int8_checked(
     check fails.
     """
     probe_vectors = encode(INT8_PROBE_TEXTS)
-    peaks = input_peaks(decoder, lambda: encode(INT8_CALIBRATION_TEXTS))
-    reference = encode(INT8_RULE_TEXTS)
+    calibration: list[np.ndarray] = []  # the float32 vectors of the calibration run, kept as references
+    peaks = input_peaks(decoder, lambda: calibration.append(encode(INT8_CALIBRATION_TEXTS)))
+    reference = np.concatenate([calibration[0], encode(INT8_ONE_FORM_TEXTS)])  # in INT8_RULE_TEXTS' order
     layers: dict[str, torch.nn.Module] = dict(_decoder_linears(decoder))  # the float32 modules, by name
     for name, layer in _int8_layers(decoder, peaks, SMOOTHING_ALPHA, kernel or int8_kernel()).items():
         _replace(decoder, name, layer)

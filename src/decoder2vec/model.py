@@ -128,7 +128,7 @@ class Encoder(torch.nn.Module):
         self._replica_cache: tuple[tuple[str, ...], list[Encoder]] | None = None  # (devices, encoders)
         self.backend = getattr(model, "backend", "torch")  # onnx: an OnnxModel runs the graph with onnxruntime
         self.quantize: str | None = None  # int8 after from_pretrained(quantize="int8")
-        self.float_layers: list[str] = []  # with PyTorch's int8: the decoder's linear layers it kept in float32
+        self.float_layers: list[str] = []  # PyTorch's int8: the decoder's layers it kept in float32
         if self.backend == "torch":  # an ONNX graph was exported at its depth already
             keep_first_layers(self.model, config.num_layers)
         set_bidirectional(self.model, config.bidirectional)
@@ -406,7 +406,7 @@ BACKENDS = ("torch", "onnx")
 def _choose_backend(backend: str | None, resolved: str, quantize: str | None) -> str:
     """torch unless asked otherwise or the folder is an ONNX export; int8 too runs on torch by default: on both
     real models measured (SmolLM2-135M, Gemma 3 270M) onnxruntime's dynamic int8 fails its own cosine check
-    (min 0.32-0.89), PyTorch's passes on Gemma 3 270M (``bench/results/encode_int8_gemma3_amx.txt``)."""
+    (min 0.32-0.89), PyTorch's passes on Gemma 3 270M (``bench/results/encode_gemma3_smollm2_amx_2threads.txt``)."""
     from .onnx_runtime import has_onnx_graph
 
     if backend is not None and backend not in BACKENDS:

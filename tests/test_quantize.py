@@ -17,7 +17,10 @@ from decoder2vec.int8 import (
     Int8Embedding,
     Int8Kernel,
     Int8Linear,
+    Int8SharedInput,
+    Int8Slice,
     QuantizationError,
+    calibrate,
     check_int8,
     cosines_with_one_float32_layer,
     input_peaks,
@@ -69,8 +72,11 @@ def test_torch_int8_is_close_to_float32_for_every_pooling(tmp_path, model_type):
         fp32 = Encoder.from_pretrained(model, pooling=pooling, device="cpu")
         int8 = Encoder.from_pretrained(model, pooling=pooling, quantize="int8", backend="torch")
         assert int8.backend == "torch" and int8.quantize == "int8"
-        layer = int8.backbone.layers[0].self_attn.q_proj  # smoothed, then PyTorch's int8 with per-channel weights
+        layer = int8.backbone.layers[0].self_attn.o_proj  # smoothed, then PyTorch's int8 with per-channel weights
         assert isinstance(layer, Int8Linear) and bool((layer.inverse_scales != 1).any())
+        attention, mlp = int8.backbone.layers[0].self_attn, int8.backbone.layers[0].mlp
+        assert attention.q_proj.shared is attention.k_proj.shared is attention.v_proj.shared  # one kernel call
+        assert mlp.gate_proj.shared is mlp.up_proj.shared and isinstance(mlp.down_proj, Int8Linear)
         assert type(layer.inner).__module__.startswith("torch.ao.nn.quantized.dynamic"), type(layer.inner)
         assert layer.inner.weight().q_per_channel_scales().numel() == layer.inner.out_features
         assert _min_cosine(int8.encode(TEXTS), fp32.encode(TEXTS)) >= 0.99, pooling
@@ -144,12 +150,15 @@ class _Noisy(torch.nn.Module):
 
 def _inject_noise(monkeypatch, names: list[str]) -> None:
     """int8 builds these layers of the decoder noisy; every other layer as usual."""
-    build = int8_module._int8_layers
+    build = int8_module._int8_units
 
     def noisy(decoder, *args):
-        return {name: _Noisy(layer) if name in names else layer for name, layer in build(decoder, *args).items()}
+        return {
+            unit: {name: _Noisy(layer) if name in names else layer for name, layer in members.items()}
+            for unit, members in build(decoder, *args).items()
+        }
 
-    monkeypatch.setattr(int8_module, "_int8_layers", noisy)
+    monkeypatch.setattr(int8_module, "_int8_units", noisy)
 
 
 def test_int8_keeps_the_layer_of_largest_error_in_float32_and_passes(tiny_llama_dir, monkeypatch):
@@ -159,17 +168,29 @@ def test_int8_keeps_the_layer_of_largest_error_in_float32_and_passes(tiny_llama_
     _inject_noise(monkeypatch, ["layers.1.mlp.down_proj"])
     int8 = Encoder.from_pretrained(tiny_llama_dir, quantize="int8", backend="torch")
     assert int8.float_layers == ["layers.1.mlp.down_proj"]
-    linears = {n: m for n, m in int8.backbone.named_modules() if isinstance(m, (torch.nn.Linear, Int8Linear, _Noisy))}
+    names = [n for n, m in fp32.backbone.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = {name: int8.backbone.get_submodule(name) for name in names}
     assert type(linears.pop("layers.1.mlp.down_proj")) is torch.nn.Linear  # the float32 layer itself, unmodified
-    assert len(linears) == 13 and all(isinstance(m, Int8Linear) for m in linears.values())
+    assert len(linears) == 13 and all(isinstance(m, (Int8Linear, Int8Slice)) for m in linears.values())
+    assert _min_cosine(int8.encode(TEXTS), fp32.encode(TEXTS)) >= 0.99
+
+
+def test_int8_keeps_siblings_in_float32_together(tiny_llama_dir, monkeypatch):
+    fp32 = Encoder.from_pretrained(tiny_llama_dir, device="cpu")
+    _inject_noise(monkeypatch, ["layers.1.mlp.up_proj"])  # gate_proj shares its input, and so its int8 kernel
+    int8 = Encoder.from_pretrained(tiny_llama_dir, quantize="int8", backend="torch")
+    assert int8.float_layers == ["layers.1.mlp.{gate_proj,up_proj}"]
+    mlp = int8.backbone.layers[1].mlp
+    assert type(mlp.gate_proj) is torch.nn.Linear and type(mlp.up_proj) is torch.nn.Linear
+    assert isinstance(mlp.down_proj, Int8Linear) and isinstance(int8.backbone.layers[0].mlp.up_proj, Int8Slice)
     assert _min_cosine(int8.encode(TEXTS), fp32.encode(TEXTS)) >= 0.99
 
 
 def test_int8_refuses_a_model_that_needs_more_float32_layers_than_allowed(tiny_llama_dir, monkeypatch):
     """SmolLM2 with bidirectional attention loses 9-10 STS-B points to int8 (bench/int8_sensitivity.py): refuse."""
-    # the cap is 1 of 15 (14 linear layers and the embedding table)
+    # the cap is 1 of 9: per decoder layer q/k/v (one kernel), o, gate/up (one kernel), down; and the embedding table
     _inject_noise(monkeypatch, ["layers.0.mlp.down_proj", "layers.1.self_attn.o_proj"])
-    with pytest.raises(QuantizationError, match=r"cosine of only .* 1 layer: layers\.\d.* most allowed .*of 15"):
+    with pytest.raises(QuantizationError, match=r"cosine of only .* 1 layer: layers\.\d.* most allowed .*of 9"):
         Encoder.from_pretrained(tiny_llama_dir, quantize="int8", backend="torch")
 
 
@@ -184,6 +205,7 @@ def test_cosines_with_one_float32_layer_find_the_layer_that_moves_the_vectors():
     torch.manual_seed(0)
     floats = {"0": torch.nn.Linear(16, 16), "1": torch.nn.Linear(16, 16)}
     decoder = torch.nn.Sequential(*[copy.deepcopy(floats[n]) for n in ("0", "1")])
+    units = {name: {name: layer} for name, layer in floats.items()}  # one layer a unit
     decoder[0], decoder[1] = Int8Linear(decoder[0]), _Noisy(Int8Linear(decoder[1]))  # "1" went wrong
     x = torch.randn(5, 16)
 
@@ -193,7 +215,7 @@ def test_cosines_with_one_float32_layer_find_the_layer_that_moves_the_vectors():
 
     with torch.no_grad():
         reference = floats["1"](floats["0"](x)).numpy()
-    cosines = cosines_with_one_float32_layer(decoder, floats, encode, ["a"] * 5, reference)
+    cosines = cosines_with_one_float32_layer(decoder, units, encode, ["a"] * 5, reference)
     assert cosines["1"] > 0.99 > 0.5 > cosines["0"], cosines  # putting "1" back fixes the vectors; "0" does not
     assert isinstance(decoder[0], Int8Linear) and isinstance(decoder[1], _Noisy)  # left as it was
 
@@ -302,6 +324,68 @@ def test_int8_linear_is_close_with_and_without_bias_and_per_token():
         assert torch.allclose(layer(loud)[0], layer(x[:1])[0], rtol=0.02, atol=0.02 * float(layer(x[:1]).abs().max()))
     no_bias = torch.nn.Linear(64, 48, bias=False)
     assert _relative_error(Int8Linear(no_bias), no_bias, x) < 0.1
+
+
+class _Siblings(torch.nn.Module):
+    """q and k read one input; o reads q's output; k is also fed a copy of the input once (not a sibling then)."""
+
+    def __init__(self, copy_for_k: bool = False):
+        super().__init__()
+        self.q, self.k, self.o = torch.nn.Linear(16, 24), torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(24, 16)
+        self.copy_for_k = copy_for_k
+
+    def forward(self, x):
+        return self.o(self.q(x)) + self.k(x.clone() if self.copy_for_k else x).sum(-1, keepdim=True)
+
+
+def test_calibrate_finds_the_layers_that_read_one_input():
+    torch.manual_seed(0)
+    model, x = _Siblings(), torch.randn(3, 5, 16)
+    calibration = calibrate(model, lambda: (model(x), model(2 * x)))
+    assert calibration.siblings == [["q", "k"]]
+    assert torch.equal(calibration.peaks["q"], 2 * x.abs().amax(dim=(0, 1)))
+    assert set(calibration.peaks) == {"q", "k", "o"}
+
+    def once_apart():  # siblings in one forward but not in the next: not siblings
+        model.copy_for_k = False
+        model(x)
+        model.copy_for_k = True
+        model(x)
+
+    assert calibrate(model, once_apart).siblings == []
+
+
+def test_siblings_share_one_int8_call_and_each_gets_its_own_output():
+    torch.manual_seed(0)
+    model, x = _Siblings(), torch.randn(3, 5, 16)
+    with torch.no_grad():
+        exact = model.q(x), model.k(x)
+    calibration = calibrate(model, lambda: model(x))
+    int8 = quantize_dynamic_int8(_one_layer_holder(model), input_peaks=calibration).base_model
+    shared = int8.q.shared
+    assert isinstance(shared, Int8SharedInput) and int8.k.shared is shared and isinstance(int8.o, Int8Linear)
+    calls = []
+    shared.linear.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        q, k = int8.q(x), int8.k(x)
+        assert len(calls) == 1 and shared._output is None  # computed once, let go once both took their part
+        assert q.shape == exact[0].shape and k.shape == exact[1].shape
+        assert float((q - exact[0]).norm() / exact[0].norm()) < 0.02
+        assert float((k - exact[1]).norm() / exact[1].norm()) < 0.02
+        int8.q(x)
+        x.mul_(2)  # the same tensor, changed in place: computed anew
+        assert torch.allclose(int8.k(x), 2 * k, rtol=0.05, atol=0.05 * float(k.abs().max()))
+        assert len(calls) == 3
+    with torch.inference_mode():  # as encode runs: no version counters, the tensor itself marks the input
+        y = torch.randn(2, 16)
+        int8.q(y), int8.k(y)
+        assert len(calls) == 4
+
+
+def _one_layer_holder(model: torch.nn.Module) -> torch.nn.Module:
+    holder = torch.nn.Module()
+    holder.base_model = model
+    return holder
 
 
 def test_int8_is_calibrated_on_texts_apart_from_the_probe_texts():

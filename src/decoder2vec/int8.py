@@ -21,23 +21,24 @@ everything else away. :class:`Int8Linear` keeps the same int8 kernel and changes
    pairs of u8 x s8 products in int16 with saturation, so weights get 7 bits (``[-63, 63]``: 255 * 63 * 2 < 32767)
    on PyTorch's default engine (x86), which costs less accuracy than 7-bit activations.
 
-The token embedding table, most of a small model's weights, becomes an :class:`Int8Embedding` (a scale per
-block of 32 values), and :func:`release_float_weights` then drops the LM head and every float32 copy of the
+Layers that read one input (q, k and v; gate and up; found by :func:`calibrate`) share one smoothing, one
+quantized input and one kernel call (:class:`Int8SharedInput`). The token embedding table, most of a small
+model's weights, becomes an :class:`Int8Embedding` (a scale per block of 32 values), and :func:`release_float_weights` then drops the LM head and every float32 copy of the
 checkpoint, so that the process holds the int8 weights, not both.
 
 Some layers still cost too much (Gemma 3 270M's ``layers.0.mlp.down_proj``): :func:`quantize_int8_checked`
 puts every layer in int8, and if a vector of :data:`INT8_RULE_TEXTS` (the calibration texts and the empty text)
-is then further than :data:`INT8_MIN_COSINE` from float32, ranks the layers by how much each one alone back in
-float32 brings the worst of them back, and keeps them in float32 in that order until every one passes, at most
-:data:`INT8_MAX_FLOAT_FRACTION` of the layers; the probe check (:func:`check_int8`) then decides on other texts.
+is then further than :data:`INT8_MIN_COSINE` from float32, ranks the units (a layer, a group of siblings, the
+embedding table) by how much each one alone back in float32 brings the worst of them back, and keeps them in
+float32 in that order until every one passes, at most :data:`INT8_MAX_FLOAT_FRACTION` of them; the probe check (:func:`check_int8`) then decides on other texts.
 
     float_layers = quantize_int8_checked(encoder.backbone, lambda texts: encoder.encode(texts, show_progress=False))
     # every decoder linear is an Int8Linear now and the embedding table an Int8Embedding, but those in float_layers
 
 Lower level, every layer in int8:
 
-    peaks = input_peaks(encoder.backbone, lambda: encoder.encode(INT8_CALIBRATION_TEXTS, show_progress=False))
-    model = quantize_dynamic_int8(encoder.model, input_peaks=peaks)  # every decoder linear: an Int8Linear
+    calibration = calibrate(encoder.backbone, lambda: encoder.encode(INT8_CALIBRATION_TEXTS, show_progress=False))
+    model = quantize_dynamic_int8(encoder.model, input_peaks=calibration)  # an Int8Linear or an Int8Slice each
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ import gc
 import logging
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -69,13 +71,18 @@ __all__ = [
     "INT8_PROBE_TEXTS",
     "INT8_RANKING_TEXTS",
     "INT8_RULE_TEXTS",
+    "Calibration",
     "Int8Embedding",
     "Int8Kernel",
     "Int8Linear",
+    "Int8SharedInput",
+    "Int8Slice",
     "QUANTIZATIONS",
     "SMOOTHING_ALPHA",
     "QuantizationError",
+    "calibrate",
     "check_int8",
+    "concatenated_linear",
     "cosines_with_one_float32_layer",
     "input_peaks",
     "int8_embedding",
@@ -250,29 +257,73 @@ def _replace(decoder: torch.nn.Module, name: str, module: torch.nn.Module) -> No
     setattr(decoder.get_submodule(parent) if parent else decoder, child, module)
 
 
-def input_peaks(decoder: torch.nn.Module, run: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """``max |x_j|`` per input channel of every linear layer of ``decoder`` over the inputs ``run()`` feeds it.
+@dataclass
+class Calibration:
+    """What one calibration run saw of a decoder's linear layers (:func:`calibrate`)."""
 
-    Keys are the layers' names in ``decoder`` (``layers.0.self_attn.q_proj``); values are ``(in_features,)``.
-    Padded positions count too: they run through every layer like the text they pad.
+    peaks: dict[str, torch.Tensor]  # max |x_j| per input channel, by layer name (layers.0.self_attn.q_proj): (in,)
+    # layers that read the very same input tensor, one after another (q, k and v; gate and up), in the decoder's
+    # order; a layer that reads its input alone is in none
+    siblings: list[list[str]] = field(default_factory=list)
+
+
+def calibrate(decoder: torch.nn.Module, run: Callable[[], object]) -> Calibration:
+    """The input peaks and sibling layers of every linear layer of ``decoder`` over what ``run()`` feeds it.
+
+    Padded positions count too: they run through every layer like the text they pad. Layers are siblings when
+    whenever one of them runs, the others read the very same input tensor (the same object, unchanged).
     """
     peaks: dict[str, torch.Tensor] = {}
+    shared_with: dict[str, set[str]] = {}  # each layer: the layers that read its input in every call seen
+    readers: dict[int, tuple[Callable, int, list[str]]] = {}  # by id of an input: (weak reference, version, layers)
+
+    def seen(names: list[str]) -> None:
+        for name in names:
+            shared_with[name] = shared_with.get(name, set(names)) & set(names)
 
     def record(name):
         def hook(module, args):
-            peak = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float().cpu()
+            x = args[0]
+            input_, version, names = readers.get(id(x), (None, None, None))
+            if input_ is None or input_() is not x or version != _version(x):  # a new input (or one changed since)
+                if names:
+                    seen(names)
+                input_, version, names = weakref.ref(x), _version(x), []
+                readers[id(x)] = input_, version, names
+            names.append(name)
+            peak = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()
             peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
 
         return hook
 
-    handles = [m.register_forward_pre_hook(record(n)) for n, m in _decoder_linears(decoder).items()]
+    linears = _decoder_linears(decoder)
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in linears.items()]
     try:
         with torch.no_grad():
             run()
     finally:
         for handle in handles:
             handle.remove()
-    return peaks
+    for _, _, names in readers.values():
+        seen(names)
+    order = {name: i for i, name in enumerate(linears)}
+    groups = {frozenset(names) for name, names in shared_with.items() if all(shared_with[n] == names for n in names)}
+    siblings = [sorted(group, key=order.get) for group in groups if len(group) > 1]
+    return Calibration(peaks, sorted(siblings, key=lambda names: order[names[0]]))
+
+
+def _version(x: torch.Tensor) -> int:
+    """How many times ``x`` was changed in place; tensors made under ``torch.inference_mode`` (which encoding runs
+    in) count none, so there the very same tensor object is what marks an input as the siblings'."""
+    return -2 if x.is_inference() else x._version
+
+
+def input_peaks(decoder: torch.nn.Module, run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """``max |x_j|`` per input channel of every linear layer of ``decoder`` over the inputs ``run()`` feeds it.
+
+    Keys are the layers' names in ``decoder`` (``layers.0.self_attn.q_proj``); values are ``(in_features,)``.
+    """
+    return calibrate(decoder, run).peaks
 
 
 def smoothing_scales(input_peak: torch.Tensor, weight: torch.Tensor, alpha: float = SMOOTHING_ALPHA) -> torch.Tensor:
@@ -334,6 +385,70 @@ class Int8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+def concatenated_linear(linears: list[torch.nn.Linear]) -> torch.nn.Linear:
+    """One float linear layer whose output is the outputs of ``linears`` (which read inputs of one width) side by
+    side, in order; a layer without a bias adds zeros."""
+    out = torch.nn.Linear(
+        linears[0].in_features, sum(m.out_features for m in linears), bias=any(m.bias is not None for m in linears)
+    )
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight.float() for m in linears]))
+        if out.bias is not None:
+            biases = [torch.zeros(m.out_features) if m.bias is None else m.bias.float() for m in linears]
+            out.bias.copy_(torch.cat(biases))
+    return out
+
+
+class Int8SharedInput(torch.nn.Module):
+    """One :class:`Int8Linear` for sibling layers that read the same input (q, k and v; gate and up): the input is
+    scaled and quantized once and the int8 kernel runs once, on their weights side by side; each sibling then
+    becomes an :class:`Int8Slice` of the output. At Gemma 3 270M's sizes one layer's linears ran 16 % faster so
+    (2 threads, AMX).
+
+    The first sibling called computes the output for all of them; the others find it by their input: the very
+    same tensor, unchanged since (its version counter). Once every sibling has taken its part it is let go.
+    """
+
+    def __init__(self, linears: list[torch.nn.Linear], scales: torch.Tensor | None, kernel: Int8Kernel):
+        super().__init__()
+        self.linear = Int8Linear(concatenated_linear(linears), scales, kernel)
+        self.parts = len(linears)
+        self._input: Callable[[], torch.Tensor | None] | None = None  # a weak reference to the last input
+        self._version, self._output, self._left = -1, None, 0
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The siblings' outputs side by side for ``x``: computed on the first call for an input, then shared."""
+        if self._output is None or self._input is None or self._input() is not x or self._version != _version(x):
+            self._output, self._left = self.linear(x), self.parts
+            self._input, self._version = weakref.ref(x), _version(x)
+        output = self._output
+        self._left -= 1
+        if self._left == 0:  # every sibling has its part: hold no activations between forwards
+            self._output = self._input = None
+        return output
+
+    def slices(self, linears: list[torch.nn.Linear]) -> list[Int8Slice]:
+        """An :class:`Int8Slice` for each of ``linears`` (the layers it was built from, in order)."""
+        bounds = np.cumsum([0] + [m.out_features for m in linears]).tolist()
+        return [Int8Slice(self, start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+class Int8Slice(torch.nn.Module):
+    """One sibling's part (output features ``start:stop``) of an :class:`Int8SharedInput`; it stands where that
+    sibling's linear layer stood."""
+
+    def __init__(self, shared: Int8SharedInput, start: int, stop: int):
+        super().__init__()
+        self.shared, self.start, self.stop = shared, start, stop
+        self.in_features, self.out_features = shared.linear.in_features, stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.output(x)[..., self.start : self.stop]
+
+    def extra_repr(self) -> str:
+        return f"output features {self.start}:{self.stop} of {self.shared.linear.out_features}"
 
 
 class Int8Embedding(torch.nn.Module):
@@ -423,61 +538,98 @@ def _return_freed_memory() -> None:
 def quantize_dynamic_int8(
     model: torch.nn.Module,
     quantize: str = "int8",
-    input_peaks: dict[str, torch.Tensor] | None = None,
+    input_peaks: dict[str, torch.Tensor] | Calibration | None = None,
     alpha: float = SMOOTHING_ALPHA,
     kernel: Int8Kernel | None = None,
 ) -> torch.nn.Module:
     """PyTorch's dynamic int8 for every linear layer of the decoder; adapters merged first.
 
     Every linear layer becomes an :class:`Int8Linear`, smoothed when ``input_peaks`` is given (from
-    :func:`input_peaks` on ``model.base_model``, the float model after merging). The LM head is left out:
-    encoding never runs it, and for tied embeddings an int8 copy would add memory instead of saving it.
+    :func:`input_peaks` on ``model.base_model``, the float model after merging); given a :class:`Calibration`
+    (:func:`calibrate`), sibling layers share one (:class:`Int8SharedInput`). The LM head is left out: encoding
+    never runs it, and for tied embeddings an int8 copy would add memory instead of saving it.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     decoder = model.base_model
-    for name, layer in _int8_layers(decoder, input_peaks, alpha, kernel or int8_kernel()).items():
-        _replace(decoder, name, layer)
+    calibration = Calibration(input_peaks) if isinstance(input_peaks, dict) else input_peaks
+    for members in _int8_units(decoder, calibration, alpha, kernel or int8_kernel()).values():
+        _replace_all(decoder, members)
     return model
 
 
-def _int8_layers(decoder, peaks, alpha, kernel) -> dict[str, Int8Linear]:
-    """An :class:`Int8Linear` for every linear layer of ``decoder``, by name; the decoder is left as it is."""
+def _replace_all(decoder: torch.nn.Module, members: dict[str, torch.nn.Module]) -> None:
+    for name, module in members.items():
+        _replace(decoder, name, module)
+
+
+def _unit_name(names: list[str]) -> str:
+    """``layers.0.self_attn.{q_proj,k_proj,v_proj}`` for siblings, the layer's name for one layer."""
+    if len(names) == 1:
+        return names[0]
+    parent = names[0].rpartition(".")[0]
+    if all(name.rpartition(".")[0] == parent for name in names):
+        return f"{parent}.{{{','.join(name.rpartition('.')[2] for name in names)}}}"
+    return "{" + ",".join(names) + "}"
+
+
+def _int8_units(
+    decoder: torch.nn.Module, calibration: Calibration | None, alpha: float, kernel: Int8Kernel
+) -> dict[str, dict[str, torch.nn.Module]]:
+    """The int8 replacement of every linear layer of ``decoder``, by unit: a unit is one layer (an
+    :class:`Int8Linear`) or a group of siblings (an :class:`Int8Slice` each, of one :class:`Int8SharedInput`), and
+    maps each layer's name to its replacement. The decoder is left as it is.
+    """
     linears = _decoder_linears(decoder)
+    peaks = None if calibration is None else calibration.peaks
     if peaks is not None and set(linears) - set(peaks):
         missing = sorted(set(linears) - set(peaks))
         raise ValueError(f"no calibrated input peaks for {missing[:3]}...; calibrate the merged model's decoder")
-    return {
-        name: Int8Linear(
-            linear, None if peaks is None else smoothing_scales(peaks[name], linear.weight, alpha), kernel
-        )
-        for name, linear in linears.items()
-    }
+    units: dict[str, dict[str, torch.nn.Module]] = {}
+    grouped = {name: names for names in (calibration.siblings if calibration else []) for name in names}
+    for name, linear in linears.items():
+        names = grouped.get(name, [name])
+        if name != names[0]:
+            continue  # built with the first of its siblings
+        layers = [linears[n] for n in names]
+        weight = torch.cat([layer.weight for layer in layers])
+        scales = None if peaks is None else smoothing_scales(_shared_peak([peaks[n] for n in names]), weight, alpha)
+        if len(layers) == 1:
+            units[name] = {name: Int8Linear(linear, scales, kernel)}
+        else:
+            slices = Int8SharedInput(layers, scales, kernel).slices(layers)
+            units[_unit_name(names)] = dict(zip(names, slices, strict=True))
+    return units
+
+
+def _shared_peak(peaks: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(peaks).amax(dim=0)  # siblings saw one input: equal peaks, the largest to be safe
 
 
 def cosines_with_one_float32_layer(
     decoder: torch.nn.Module,
-    float_layers: dict[str, torch.nn.Module],
+    float_layers: dict[str, dict[str, torch.nn.Module]],
     encode: Callable[[list[str]], np.ndarray],
     texts: list[str],
     reference: np.ndarray,
 ) -> dict[str, float]:
-    """For each layer of ``float_layers``: the smallest cosine of ``encode(texts)`` to ``reference`` with that
-    layer alone put back (in ``decoder``, by name) and every other layer as it is; the decoder is left as it was.
+    """For each unit of ``float_layers`` (a unit's name: its layers' float32 modules, by name in ``decoder``): the
+    smallest cosine of ``encode(texts)`` to ``reference`` with that unit alone put back in float32 and every other
+    layer as it is; the decoder is left as it was.
 
-    It measures what each int8 layer costs the vectors where they are, errors carried through every later layer
+    It measures what each int8 unit costs the vectors where they are, errors carried through every later layer
     included: Gemma 3's worst layer (``layers.0.mlp.down_proj``) is not among those of largest error of its own.
     """
     cosines = {}
-    for name, layer in float_layers.items():
-        current = decoder.get_submodule(name)
-        _replace(decoder, name, layer)
+    for unit, members in float_layers.items():
+        current = {name: decoder.get_submodule(name) for name in members}
+        _replace_all(decoder, members)
         try:
-            cosines[name] = float(cosine_scores(encode(texts), reference).min())
+            cosines[unit] = float(cosine_scores(encode(texts), reference).min())
         finally:
-            _replace(decoder, name, current)
+            _replace_all(decoder, current)
     return cosines
 
 
@@ -487,32 +639,34 @@ def quantize_int8_checked(
     what: str = "PyTorch's dynamic int8",
     kernel: Int8Kernel | None = None,
 ) -> list[str]:
-    """Every linear layer of ``decoder`` to an :class:`Int8Linear` and its token embeddings to an
-    :class:`Int8Embedding` (:func:`int8_embedding`), in place, but the few that int8 hurts most.
+    """Every linear layer of ``decoder`` to int8 (:func:`quantize_dynamic_int8`'s units, siblings sharing one
+    kernel call) and its token embeddings to an :class:`Int8Embedding` (:func:`int8_embedding`), in place, but the
+    few units that int8 hurts most.
 
     ``encode(texts)`` embeds texts with the model that holds ``decoder`` (merged, in float32 on the CPU). In
-    order: float32 vectors of the probe and rule texts, smoothing calibrated on the calibration texts
-    (:func:`input_peaks`), every layer in int8; then, if a vector of :data:`INT8_RULE_TEXTS` is further than
-    :data:`INT8_MIN_COSINE` from its float32 one, the layers are ranked by how close the (at most
-    :data:`INT8_RANKING_TEXTS`) worst of them come back with that layer alone in float32
+    order: float32 vectors of the probe and rule texts, calibration on the calibration texts (:func:`calibrate`),
+    every unit in int8; then, if a vector of :data:`INT8_RULE_TEXTS` is further than :data:`INT8_MIN_COSINE` from
+    its float32 one, the units (a layer, a group of siblings, the embedding table) are ranked by how close the (at
+    most :data:`INT8_RANKING_TEXTS`) worst of them come back with that unit alone in float32
     (:func:`cosines_with_one_float32_layer`), and put back in float32 in that order until every rule text passes,
     at most :data:`INT8_MAX_FLOAT_FRACTION` of them. :func:`check_int8` then proves the result on the probe texts;
-    of those only the empty text (which has one form) took part in the rule. Returns the names of the layers kept
+    of those only the empty text (which has one form) took part in the rule. Returns the names of the units kept
     in float32, in the order they were put back; raises :class:`QuantizationError` past the cap or when the probe
     check fails.
     """
     probe_vectors = encode(INT8_PROBE_TEXTS)
-    calibration: list[np.ndarray] = []  # the float32 vectors of the calibration run, kept as references
-    peaks = input_peaks(decoder, lambda: calibration.append(encode(INT8_CALIBRATION_TEXTS)))
-    reference = np.concatenate([calibration[0], encode(INT8_ONE_FORM_TEXTS)])  # in INT8_RULE_TEXTS' order
-    layers: dict[str, torch.nn.Module] = dict(_decoder_linears(decoder))  # the float32 modules, by name
-    for name, layer in _int8_layers(decoder, peaks, SMOOTHING_ALPHA, kernel or int8_kernel()).items():
-        _replace(decoder, name, layer)
+    calibration_vectors: list[np.ndarray] = []  # the float32 vectors of the calibration run, kept as references
+    calibration = calibrate(decoder, lambda: calibration_vectors.append(encode(INT8_CALIBRATION_TEXTS)))
+    reference = np.concatenate([calibration_vectors[0], encode(INT8_ONE_FORM_TEXTS)])  # INT8_RULE_TEXTS' order
+    units = _int8_units(decoder, calibration, SMOOTHING_ALPHA, kernel or int8_kernel())
+    layers = {unit: {name: decoder.get_submodule(name) for name in members} for unit, members in units.items()}
+    for members in units.values():
+        _replace_all(decoder, members)
     embedding = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
     int8_table = None if embedding is None else int8_embedding(embedding)
     if int8_table is not None:
         name = next(name for name, module in decoder.named_modules() if module is embedding)
-        layers[name] = embedding
+        layers[name] = {name: embedding}
         _replace(decoder, name, int8_table)
     cosines = cosine_scores(encode(INT8_RULE_TEXTS), reference)
     kept: list[str] = []
@@ -521,9 +675,9 @@ def quantize_int8_checked(
         texts = [INT8_RULE_TEXTS[i] for i in worst]
         ranking = cosines_with_one_float32_layer(decoder, layers, encode, texts, reference[worst])
         cap = max(1, int(len(layers) * INT8_MAX_FLOAT_FRACTION))
-        for name in sorted(ranking, key=ranking.get, reverse=True)[:cap]:
-            _replace(decoder, name, layers[name])
-            kept.append(name)
+        for unit in sorted(ranking, key=ranking.get, reverse=True)[:cap]:
+            _replace_all(decoder, layers[unit])
+            kept.append(unit)
             cosines = cosine_scores(encode(INT8_RULE_TEXTS), reference)
             if cosines.min() >= INT8_MIN_COSINE:
                 break
@@ -536,5 +690,5 @@ def quantize_int8_checked(
             )
     check_int8(probe_vectors, encode(INT8_PROBE_TEXTS), what, kept)
     if kept:
-        logger.info("int8: %s kept in float32 (of %d layers)", _named(kept), len(layers))
+        logger.info("int8: %s kept in float32 (of %d)", _named(kept), len(layers))
     return kept

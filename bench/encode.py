@@ -2,8 +2,11 @@
 
 Embeds the STS-B test pairs (batch 32, mean pooling) once per row and prints, per row: sentences/s, tokens/s,
 the throughput ratio to decoder2vec fp32, model-FLOPs utilization against the fp32 matrix-multiply peak
-measured at the start, STS-B test Spearman (x100), the resident memory the loaded model added, and the peak RSS.
-Every row runs in a fresh process of its own, one after the other, so each peak RSS is that row's alone.
+measured at the start (and the share of the peak that the model's own linear shapes reach alone, measured at the
+end), STS-B test Spearman (x100), the resident memory the loaded model added, the same once
+every weight is in use ("all MB": after loading, every row of the token embedding table is looked up; a
+memory-mapped float32 checkpoint is resident only where it was read, and a server meets most of the vocabulary in
+time), and the peak RSS. Every row runs in a fresh process of its own, one after the other, so each peak RSS is that row's alone.
 
 Rows: ``fp32`` (decoder2vec, PyTorch), ``sentence-transformers`` (the same folder read by sentence-transformers'
 stock Transformer + mean Pooling: causal, plain text), ``int8-torch`` (PyTorch dynamic int8),
@@ -60,12 +63,40 @@ def matmul_peak_gflops(size: int = 2048, seconds: float = 3.0) -> float:
     return best
 
 
+def layer_shapes(config) -> list[tuple[int, int]]:
+    """(in, out) of each linear layer of one decoder layer."""
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    mlp = config.intermediate_size
+    return [(hidden, q_width), (hidden, kv_width), (hidden, kv_width), (q_width, hidden)] + [
+        (hidden, mlp),
+        (hidden, mlp),
+        (mlp, hidden),
+    ]
+
+
+def shapes_peak_gflops(shapes: list[tuple[int, int]], tokens: int, seconds: float = 3.0) -> float:
+    """Best fp32 rate of one decoder layer's linear layers alone, on ``tokens`` rows (an average batch): the most
+    that the model's own matrix shapes let this CPU do, below the square peak when the shapes are small."""
+    layers = [(torch.randn(tokens, i), torch.randn(o, i)) for i, o in shapes]
+    flops = sum(2 * tokens * w.shape[0] * w.shape[1] for _, w in layers)
+    run = lambda: [torch.nn.functional.linear(x, w) for x, w in layers]  # noqa: E731
+    run()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        run()
+        best = max(best, flops / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def forward_flops(config, lengths: list[int]) -> float:
     """Model FLOPs of one forward pass over sequences of these (unpadded) lengths, LM head excluded."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    per_layer = hidden * (q_width + 2 * kv_width) + q_width * hidden + 3 * hidden * config.intermediate_size
+    q_width = config.num_attention_heads * head_dim
+    per_layer = sum(i * o for i, o in layer_shapes(config))
     tokens = sum(lengths)
     linear = 2 * per_layer * layers * tokens
     attention = sum(2 * 2 * layers * q_width * n * n for n in lengths)  # scores and weighted values
@@ -125,7 +156,7 @@ def run_row(args) -> dict:
     adapter = args.adapter if trained else None
     probe = {}
     if options is None:
-        encode, lengths, config = _sentence_transformers(folder, sentences, args)
+        encode, lengths, config, embeddings = _sentence_transformers(folder, sentences, args)
     else:
         os.environ.update(ROW_ENVIRONMENT.get(args.row.removeprefix("trained-"), {}))
         if args.row.endswith("-unchecked"):  # speed and STS-B of an int8 model the probe check would refuse
@@ -149,11 +180,14 @@ def run_row(args) -> dict:
             return {"row": args.row, "prepared": True}
         lengths = [len(f.input_ids) for f in encoder.tokenize(sentences)]
         config = encoder.model.config
+        # onnxruntime reads every weight into memory as it loads: nothing more to page in
+        embeddings = None if options.get("backend") == "onnx" else encoder.backbone.get_input_embeddings()
 
         def encode():
             return encoder.encode(sentences, batch_size=args.batch_size)
 
     loaded_rss = memory_mb("VmRSS")
+    all_weights_rss = loaded_rss if embeddings is None else every_row_looked_up(embeddings)  # before encoding
     if options is not None:
         encoder.encode(sentences[:64], batch_size=args.batch_size)  # warm-up (sentence-transformers: above)
     seconds, vectors = timed(encode, args.repeats)
@@ -164,9 +198,12 @@ def run_row(args) -> dict:
         "sentences_per_s": round(len(sentences) / seconds, 1),
         "tokens_per_s": round(sum(lengths) / seconds, 1),
         "gflops": round(flops / seconds / 1e9, 1),
+        "layer_shapes": layer_shapes(config),
+        "mean_batch_tokens": round(sum(lengths) / -(-len(lengths) // args.batch_size)),
         "stsb_spearman": round(spearman(np.asarray(vectors), len(first), scores), 2),
         "rss_after_load_mb": round(loaded_rss),
         "loaded_mb": round(loaded_rss - before_rss),  # the model (and its runtime's imports) in memory
+        "all_weights_mb": round(all_weights_rss - before_rss),  # the same, once every embedding row was read
         "peak_rss_mb": round(memory_mb("VmHWM")),
         **probe,
     }
@@ -190,7 +227,15 @@ def _sentence_transformers(folder: str, sentences: list[str], args):
     def encode():
         return model.encode(sentences, batch_size=args.batch_size)
 
-    return encode, lengths, module.model.config
+    return encode, lengths, module.model.config, module.model.get_input_embeddings()
+
+
+def every_row_looked_up(embeddings: torch.nn.Module, rows_at_once: int = 8192) -> float:
+    """VmRSS (MB) once every row of the token embedding table has been looked up: the whole table resident."""
+    with torch.inference_mode():
+        for start in range(0, embeddings.num_embeddings, rows_at_once):
+            embeddings(torch.arange(start, min(start + rows_at_once, embeddings.num_embeddings)))
+    return memory_mb("VmRSS")
 
 
 # ---------------------------------------------------------------------- the run: every row, one by one
@@ -254,11 +299,22 @@ def main() -> None:
     for _ in range(args.rounds - 1):  # the rows again, in turn, so that a busy spell of a shared machine hits all
         again = [failed.get(row) or child(args, row) for row in rows]
         results = [max(r, a, key=lambda x: x.get("sentences_per_s", 0)) for r, a in zip(results, again, strict=True)]
-    header = f"{'row':<28}{'sent/s':>9}{'ratio':>8}{'MFU %':>8}{'STS-B':>8}{'dSTS':>7}{'load MB':>9}{'peak RSS':>10}"
+    header = (
+        f"{'row':<28}{'sent/s':>9}{'ratio':>8}{'MFU %':>8}{'STS-B':>8}{'dSTS':>7}{'load MB':>9}{'all MB':>8}"
+        f"{'peak RSS':>10}"
+    )
     lines += [header, "-" * len(header)]
     for r in [r for r in results if "error" in r]:
         lines.append(f"{r['row']:<28}failed: {r['error']}")
     results = [r for r in results if "error" not in r]
+    fp32 = next((r for r in results if r["row"] == "fp32"), None)
+    shapes_peak = shapes_peak_gflops(fp32["layer_shapes"], fp32["mean_batch_tokens"]) if fp32 else None
+    if shapes_peak:
+        lines.insert(
+            3,
+            f"fp32 peak of the model's own linear shapes ({fp32['mean_batch_tokens']} tokens, an average batch): "
+            f"{shapes_peak:.1f} GFLOP/s ({100 * shapes_peak / peak:.0f} % of the square peak)",
+        )
     for r in results:
         reference = next(
             (x for x in results if x["row"] == ("trained-fp32" if "trained" in r["row"] else "fp32")), None
@@ -266,10 +322,11 @@ def main() -> None:
         r["ratio_to_fp32"] = round(r["sentences_per_s"] / reference["sentences_per_s"], 3) if reference else None
         r["stsb_minus_fp32"] = round(r["stsb_spearman"] - reference["stsb_spearman"], 2) if reference else None
         r["mfu_percent"] = round(100 * r["gflops"] / peak, 1)
+        r["of_shapes_peak_percent"] = round(100 * r["gflops"] / shapes_peak, 1) if shapes_peak else None
         lines.append(
             f"{r['row']:<28}{r['sentences_per_s']:>9}{r['ratio_to_fp32'] or '':>8}{r['mfu_percent']:>8}"
             f"{r['stsb_spearman']:>8}{r['stsb_minus_fp32'] if r['stsb_minus_fp32'] is not None else '':>7}"
-            f"{r['loaded_mb']:>9}{r['peak_rss_mb']:>10}"
+            f"{r['loaded_mb']:>9}{r['all_weights_mb']:>8}{r['peak_rss_mb']:>10}"
         )
     for r in [r for r in results if "int8_kernel" in r]:
         kept = r["float_layers"]
@@ -278,8 +335,14 @@ def main() -> None:
             + ", ".join(kept)
             + (f"; probe min cosine {r['probe_min_cosine']}" if "probe_min_cosine" in r else "")
         )
+    lines += [
+        f"{r['row']}: {r['of_shapes_peak_percent']} % of the model's shapes' peak"
+        for r in results
+        if r["of_shapes_peak_percent"] is not None and r["row"].endswith("fp32")
+    ]
     lines.append("targets: int8 ratio >= 1.8 with |dSTS| <= 1; onnx-fp32 ratio >= 1.0 (sentence-transformers: causal)")
-    lines.append(json.dumps({"matmul_peak_gflops": round(peak, 1), "rows": results, "failed": list(failed.values())}))
+    summary = {"matmul_peak_gflops": round(peak, 1), "shapes_peak_gflops": shapes_peak and round(shapes_peak, 1)}
+    lines.append(json.dumps({**summary, "rows": results, "failed": list(failed.values())}))
     report = "\n".join(lines)
     print(report)
     if args.output:

@@ -3,10 +3,10 @@
 Embeds the STS-B test pairs (batch 32, mean pooling) once per row and prints, per row: sentences/s, tokens/s,
 the throughput ratio to decoder2vec fp32, model-FLOPs utilization against the fp32 matrix-multiply peak
 measured at the start (and the share of the peak that the model's own linear shapes reach alone, measured at the
-end), STS-B test Spearman (x100), the resident memory the loaded model added, the same once
-every weight is in use ("all MB": after loading, every row of the token embedding table is looked up; a
-memory-mapped float32 checkpoint is resident only where it was read, and a server meets most of the vocabulary in
-time), and the peak RSS. Every row runs in a fresh process of its own, one after the other, so each peak RSS is that row's alone.
+end), STS-B test Spearman (x100), the resident memory the loaded model added, the same once every weight is in use
+("all MB": after loading, every row of the token embedding table is looked up; a memory-mapped float32 checkpoint
+is resident only where it was read, and a server meets most of the vocabulary in time), and the peak RSS. Every
+row runs in a fresh process of its own, one after the other, so each peak RSS is that row's alone.
 
 Rows: ``fp32`` (decoder2vec, PyTorch), ``sentence-transformers`` (the same folder read by sentence-transformers'
 stock Transformer + mean Pooling: causal, plain text), ``int8-torch`` (PyTorch dynamic int8),

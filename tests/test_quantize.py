@@ -247,9 +247,13 @@ def test_cli_encode_with_quantize(tmp_path):
 
 
 def _one_layer(linear: torch.nn.Linear) -> torch.nn.Module:
+    return _holding(torch.nn.Sequential(copy.deepcopy(linear)))
+
+
+def _holding(decoder: torch.nn.Module) -> torch.nn.Module:
     """A stand-in for a causal LM: quantize_dynamic_int8 quantizes the linear layers of ``.base_model``."""
     holder = torch.nn.Module()
-    holder.base_model = torch.nn.Sequential(copy.deepcopy(linear))
+    holder.base_model = decoder
     return holder
 
 
@@ -361,7 +365,7 @@ def test_siblings_share_one_int8_call_and_each_gets_its_own_output():
     with torch.no_grad():
         exact = model.q(x), model.k(x)
     calibration = calibrate(model, lambda: model(x))
-    int8 = quantize_dynamic_int8(_one_layer_holder(model), input_peaks=calibration).base_model
+    int8 = quantize_dynamic_int8(_holding(model), input_peaks=calibration).base_model
     shared = int8.q.shared
     assert isinstance(shared, Int8SharedInput) and int8.k.shared is shared and isinstance(int8.o, Int8Linear)
     calls = []
@@ -380,12 +384,6 @@ def test_siblings_share_one_int8_call_and_each_gets_its_own_output():
         y = torch.randn(2, 16)
         int8.q(y), int8.k(y)
         assert len(calls) == 4
-
-
-def _one_layer_holder(model: torch.nn.Module) -> torch.nn.Module:
-    holder = torch.nn.Module()
-    holder.base_model = model
-    return holder
 
 
 def test_int8_is_calibrated_on_texts_apart_from_the_probe_texts():

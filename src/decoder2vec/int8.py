@@ -23,14 +23,16 @@ everything else away. :class:`Int8Linear` keeps the same int8 kernel and changes
 
 Layers that read one input (q, k and v; gate and up; found by :func:`calibrate`) share one smoothing, one
 quantized input and one kernel call (:class:`Int8SharedInput`). The token embedding table, most of a small
-model's weights, becomes an :class:`Int8Embedding` (a scale per block of 32 values), and :func:`release_float_weights` then drops the LM head and every float32 copy of the
-checkpoint, so that the process holds the int8 weights, not both.
+model's weights, becomes an :class:`Int8Embedding` (a scale per block of 32 values), and
+:func:`release_float_weights` then drops the LM head and every float32 copy of the checkpoint, so that the
+process holds the int8 weights, not both.
 
 Some layers still cost too much (Gemma 3 270M's ``layers.0.mlp.down_proj``): :func:`quantize_int8_checked`
 puts every layer in int8, and if a vector of :data:`INT8_RULE_TEXTS` (the calibration texts and the empty text)
 is then further than :data:`INT8_MIN_COSINE` from float32, ranks the units (a layer, a group of siblings, the
 embedding table) by how much each one alone back in float32 brings the worst of them back, and keeps them in
-float32 in that order until every one passes, at most :data:`INT8_MAX_FLOAT_FRACTION` of them; the probe check (:func:`check_int8`) then decides on other texts.
+float32 in that order until every one passes, at most :data:`INT8_MAX_FLOAT_FRACTION` of them; the probe check
+(:func:`check_int8`) then decides on other texts.
 
     float_layers = quantize_int8_checked(encoder.backbone, lambda texts: encoder.encode(texts, show_progress=False))
     # every decoder linear is an Int8Linear now and the embedding table an Int8Embedding, but those in float_layers
@@ -262,8 +264,8 @@ class Calibration:
     """What one calibration run saw of a decoder's linear layers (:func:`calibrate`)."""
 
     peaks: dict[str, torch.Tensor]  # max |x_j| per input channel, by layer name (layers.0.self_attn.q_proj): (in,)
-    # layers that read the very same input tensor, one after another (q, k and v; gate and up), in the decoder's
-    # order; a layer that reads its input alone is in none
+    # layers that read the very same input tensor (q, k and v; gate and up), each group in the decoder's order; a
+    # layer that reads its input alone is in none
     siblings: list[list[str]] = field(default_factory=list)
 
 
@@ -411,10 +413,14 @@ class Int8SharedInput(torch.nn.Module):
     same tensor, unchanged since (its version counter). Once every sibling has taken its part it is let go.
     """
 
-    def __init__(self, linears: list[torch.nn.Linear], scales: torch.Tensor | None, kernel: Int8Kernel):
+    def __init__(self, linear: Int8Linear, widths: list[int]):
+        """``linear``: the siblings' layers side by side (:func:`concatenated_linear`) in int8; ``widths``: their
+        output features, in that order."""
         super().__init__()
-        self.linear = Int8Linear(concatenated_linear(linears), scales, kernel)
-        self.parts = len(linears)
+        if sum(widths) != linear.out_features:
+            raise ValueError(f"the parts' widths {widths} do not add up to the {linear.out_features} output features")
+        self.linear, self.widths = linear, widths
+        self.parts = len(widths)
         self._input: Callable[[], torch.Tensor | None] | None = None  # a weak reference to the last input
         self._version, self._output, self._left = -1, None, 0
 
@@ -429,9 +435,9 @@ class Int8SharedInput(torch.nn.Module):
             self._output = self._input = None
         return output
 
-    def slices(self, linears: list[torch.nn.Linear]) -> list[Int8Slice]:
-        """An :class:`Int8Slice` for each of ``linears`` (the layers it was built from, in order)."""
-        bounds = np.cumsum([0] + [m.out_features for m in linears]).tolist()
+    def slices(self) -> list[Int8Slice]:
+        """An :class:`Int8Slice` for each part, in order."""
+        bounds = np.cumsum([0, *self.widths]).tolist()
         return [Int8Slice(self, start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
@@ -594,12 +600,14 @@ def _int8_units(
         if name != names[0]:
             continue  # built with the first of its siblings
         layers = [linears[n] for n in names]
-        weight = torch.cat([layer.weight for layer in layers])
-        scales = None if peaks is None else smoothing_scales(_shared_peak([peaks[n] for n in names]), weight, alpha)
+        float_layer = linear if len(layers) == 1 else concatenated_linear(layers)
+        peak = None if peaks is None else _shared_peak([peaks[n] for n in names])
+        scales = None if peak is None else smoothing_scales(peak, float_layer.weight, alpha)
+        int8_layer = Int8Linear(float_layer, scales, kernel)
         if len(layers) == 1:
-            units[name] = {name: Int8Linear(linear, scales, kernel)}
+            units[name] = {name: int8_layer}
         else:
-            slices = Int8SharedInput(layers, scales, kernel).slices(layers)
+            slices = Int8SharedInput(int8_layer, [layer.out_features for layer in layers]).slices()
             units[_unit_name(names)] = dict(zip(names, slices, strict=True))
     return units
 

@@ -1,12 +1,18 @@
 """Encoding throughput on the CPU: decoder2vec fp32, int8 and ONNX against sentence-transformers, in one run.
 
-Embeds the STS-B test pairs (batch 32, mean pooling) once per row and prints, per row: sentences/s, tokens/s,
-the throughput ratio to decoder2vec fp32, model-FLOPs utilization against the fp32 matrix-multiply peak
-measured at the start (and the share of the peak that the model's own linear shapes reach alone, measured at the
-end), STS-B test Spearman (x100), the resident memory the loaded model added, the same once every weight is in use
-("all MB": after loading, every row of the token embedding table is looked up; a memory-mapped float32 checkpoint
-is resident only where it was read, and a server meets most of the vocabulary in time), and the peak RSS. Every
-row runs in a fresh process of its own, one after the other, so each peak RSS is that row's alone.
+Embeds the STS-B test pairs (batch 32, mean pooling) and prints, per row: sentences/s, tokens/s, the throughput
+ratio to decoder2vec fp32, model-FLOPs utilization against the fp32 matrix-multiply peak (and the share of the peak
+that the model's own linear shapes reach alone), STS-B test Spearman (x100), the resident memory the loaded model
+added, the same once every weight is in use ("all MB": after loading, every row of the token embedding table is
+looked up; a memory-mapped float32 checkpoint is resident only where it was read, and a server meets most of the
+vocabulary in time), and the peak RSS.
+
+Every row has a process of its own (so each peak RSS is that row's alone), alive for the whole run: the rows load
+one after the other; then, in each of ``--rounds`` rounds, the sentences are cut into ``--parts`` parts and the rows
+take turns on each part (the order reversed from one part to the next), with both peaks measured again right before
+fp32 on each part. Throughput is the best round's; a row's ratio to fp32 is the median of its ratios to fp32 on the
+same part, and its share of the peak the median of its shares of the peak measured on that part: this machine's
+speed drifts by up to 1.4x within a quarter of an hour, and only figures taken seconds apart compare.
 
 Rows: ``fp32`` (decoder2vec, PyTorch), ``sentence-transformers`` (the same folder read by sentence-transformers'
 stock Transformer + mean Pooling: causal, plain text), ``int8-torch`` (PyTorch dynamic int8),
@@ -20,7 +26,7 @@ With ``--adapter``, every decoder2vec row is run again with the trained adapters
 ``trained-fp32-live-adapter`` runs the last adapter unmerged (PEFT's LoRA layers), as loading did before merging.
 Targets (issue 13): int8 >= 1.8x fp32 with STS-B within 1 point; ONNX fp32 >= 1.0x fp32.
 
-    python bench/encode.py [--model smollm2-135m] [--threads 2] [--adapter DIR ...] [--limit N] [--rounds N]
+    python bench/encode.py [--model smollm2-135m] [--threads 2] [--adapter DIR ...] [--limit N] [--rounds N] [--parts N]
         [--rows fp32 int8-torch ...] [--output FILE]
 """
 
@@ -32,7 +38,11 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from statistics import median
 
 import numpy as np
 import torch
@@ -49,6 +59,7 @@ ROWS = {  # row -> Encoder.from_pretrained options (None: sentence-transformers)
 }
 TRAINED_ONLY = {"fp32-live-adapter"}
 ROW_ENVIRONMENT = {"int8-torch-x86": {"DECODER2VEC_INT8_ENGINE": "x86"}}  # set in the row's process before loading
+REPLY = "@@bench-encode "  # a row process's replies start with this (libraries may print to stdout too)
 
 
 def matmul_peak_gflops(size: int = 2048, seconds: float = 3.0) -> float:
@@ -115,15 +126,6 @@ def memory_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def load_pairs(args):
     from decoder2vec.catalog import resolve_dataset
     from decoder2vec.eval.sts import read_sts_tsv
@@ -142,7 +144,18 @@ def spearman(vectors: np.ndarray, n: int, scores) -> float:
 
 
 # ---------------------------------------------------------------------- one row, in its own process
-def run_row(args) -> dict:
+@dataclass
+class LoadedRow:
+    info: dict  # what loading measured: memory, the int8 kernel and float layers, the model's shapes
+    encode: Callable[[list[str]], np.ndarray] | None  # sentences -> vectors
+    sentences: list[str]  # the STS-B test pairs' first sentences, then their second ones
+    lengths: list[int]  # tokens of each sentence
+    config: object  # the model's Hugging Face configuration
+    scores: list[float]  # the pairs' gold similarity
+
+
+def load_row(args) -> LoadedRow:
+    """Load the row's model in this process."""
     from decoder2vec import Encoder
     from decoder2vec.sources import resolve_source
 
@@ -177,36 +190,55 @@ def run_row(args) -> dict:
             probe["int8_kernel"] = f"{kernel.engine}, weights in [-{kernel.weight_max}, {kernel.weight_max}]"
             probe["float_layers"] = encoder.float_layers
         if args.prepare:  # the ONNX export into the cache happens here, outside the timed rows
-            return {"row": args.row, "prepared": True}
+            return LoadedRow({"row": args.row, "prepared": True}, None, sentences, [], None, scores)
         lengths = [len(f.input_ids) for f in encoder.tokenize(sentences)]
         config = encoder.model.config
         # onnxruntime reads every weight into memory as it loads: nothing more to page in
         embeddings = None if options.get("backend") == "onnx" else encoder.backbone.get_input_embeddings()
+        encoder.encode(sentences[:64], batch_size=args.batch_size)  # warm-up (sentence-transformers: inside)
 
-        def encode():
-            return encoder.encode(sentences, batch_size=args.batch_size)
+        def encode(texts):
+            return encoder.encode(texts, batch_size=args.batch_size)
 
     loaded_rss = memory_mb("VmRSS")
     all_weights_rss = loaded_rss if embeddings is None else every_row_looked_up(embeddings)  # before encoding
-    if options is not None:
-        encoder.encode(sentences[:64], batch_size=args.batch_size)  # warm-up (sentence-transformers: above)
-    seconds, vectors = timed(encode, args.repeats)
-    flops = forward_flops(config, lengths)
-    return {
+    loaded = {
         "row": args.row,
-        "seconds": round(seconds, 2),
-        "sentences_per_s": round(len(sentences) / seconds, 1),
-        "tokens_per_s": round(sum(lengths) / seconds, 1),
-        "gflops": round(flops / seconds / 1e9, 1),
+        "tokens": sum(lengths),
+        "sentences": len(sentences),
+        "flops": forward_flops(config, lengths),
         "layer_shapes": layer_shapes(config),
         "mean_batch_tokens": round(sum(lengths) / -(-len(lengths) // args.batch_size)),
-        "stsb_spearman": round(spearman(np.asarray(vectors), len(first), scores), 2),
         "rss_after_load_mb": round(loaded_rss),
         "loaded_mb": round(loaded_rss - before_rss),  # the model (and its runtime's imports) in memory
         "all_weights_mb": round(all_weights_rss - before_rss),  # the same, once every embedding row was read
-        "peak_rss_mb": round(memory_mb("VmHWM")),
         **probe,
     }
+    return LoadedRow(loaded, encode, sentences, lengths, config, scores)
+
+
+def serve_row(args) -> None:
+    """A row's process: load and report, then for each line ``encode I K`` read from stdin encode part I of the
+    sentences cut into K parts and reply its seconds and model FLOPs; on ``quit``, reply the STS-B Spearman of the
+    last vectors of every part and the peak RSS. Replies are single lines starting with ``REPLY``."""
+    row = load_row(args)
+    reply = lambda message: print(REPLY + json.dumps(message), flush=True)  # noqa: E731
+    reply(row.info)
+    vectors = {}
+    for command in sys.stdin:
+        if command.strip() == "quit":
+            break
+        part, parts = map(int, command.split()[1:])
+        begin, end = part * len(row.sentences) // parts, (part + 1) * len(row.sentences) // parts
+        start = time.perf_counter()
+        vectors[part] = np.asarray(row.encode(row.sentences[begin:end]))
+        seconds = time.perf_counter() - start
+        reply({"seconds": seconds, "flops": forward_flops(row.config, row.lengths[begin:end])})
+    last = {}
+    if vectors and sorted(vectors) == list(range(len(vectors))):  # every part encoded: the whole set's vectors
+        whole = np.concatenate([vectors[i] for i in sorted(vectors)])
+        last["stsb_spearman"] = round(spearman(whole, len(row.scores), row.scores), 2)
+    reply({**last, "peak_rss_mb": round(memory_mb("VmHWM"))})
 
 
 def _sentence_transformers(folder: str, sentences: list[str], args):
@@ -224,8 +256,8 @@ def _sentence_transformers(folder: str, sentences: list[str], args):
     lengths = [len(tokenize([s])["input_ids"][0]) for s in sentences]
     model.encode(sentences[:64], batch_size=args.batch_size)  # warm-up
 
-    def encode():
-        return model.encode(sentences, batch_size=args.batch_size)
+    def encode(texts):
+        return model.encode(texts, batch_size=args.batch_size)
 
     return encode, lengths, module.model.config, module.model.get_input_embeddings()
 
@@ -238,20 +270,63 @@ def every_row_looked_up(embeddings: torch.nn.Module, rows_at_once: int = 8192) -
     return memory_mb("VmRSS")
 
 
-# ---------------------------------------------------------------------- the run: every row, one by one
-def child(args, row: str, prepare: bool = False) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model]
-    command += ["--threads", str(args.threads), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
-    command += ["--data", args.data] if args.data else []
-    command += ["--limit", str(args.limit)] if args.limit else []
-    command += ["--adapter", *args.adapter] if args.adapter else []
-    command += ["--prepare"] if prepare else []
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:  # e.g. an export refused by its own check: the report says why, the other rows run
-        error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
-        print(f"row {row} failed:\n{done.stderr[-4000:]}", file=sys.stderr)
-        return {"row": row, "error": error}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+# ---------------------------------------------------------------------- the run: the rows side by side
+class RowFailed(Exception):
+    pass
+
+
+def reference_row(row: str) -> str:
+    """The row that another row is compared with: fp32, with the same adapters."""
+    return "trained-fp32" if row.startswith("trained-") else "fp32"
+
+
+def reference_rounds(reference: dict, rounds: int) -> list[float]:
+    return [sum(t["seconds"] for t in reference["parts"] if t["round"] == k) for k in range(rounds)]
+
+
+class RowProcess:
+    """One row's process, alive for the whole run: it loads its model once, then encodes a part of the set when
+    asked, so that the rows are timed on each part one right after the other."""
+
+    def __init__(self, args, row: str, prepare: bool = False):
+        command = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model]
+        command += ["--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+        command += ["--data", args.data] if args.data else []
+        command += ["--limit", str(args.limit)] if args.limit else []
+        command += ["--adapter", *args.adapter] if args.adapter else []
+        command += ["--prepare"] if prepare else []
+        self.row, self.stderr = row, tempfile.TemporaryFile(mode="w+")  # a file: loading's progress bars
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True
+        )
+        self.loaded = self._reply()
+
+    def _reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY) :])
+        self.process.wait()  # it ended without replying: e.g. an export refused by its own check
+        self.stderr.seek(0)
+        error = self.stderr.read().strip()
+        print(f"row {self.row} failed:\n{error[-4000:]}", file=sys.stderr)
+        raise RowFailed(error.splitlines()[-1] if error else f"exit status {self.process.returncode}")
+
+    def _ask(self, command: str) -> dict:
+        try:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:  # the process has ended: _reply says why
+            pass
+        return self._reply()
+
+    def encode(self, part: int, parts: int) -> dict:
+        return self._ask(f"encode {part} {parts}")
+
+    def close(self) -> dict:
+        last = self._ask("quit")
+        self.process.wait()
+        self.stderr.close()
+        return last
 
 
 def main() -> None:
@@ -268,66 +343,127 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="only the first N pairs (quick runs)")
-    parser.add_argument("--repeats", type=int, default=1, help="time each row this many times, keep the best")
+    parser.add_argument("--rounds", type=int, default=3, help="encode the whole set this many times with every row")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="run all the rows this many times in turn, keep the best"
+        "--parts", type=int, default=4, help="cut the set into this many parts; the rows take turns part by part"
     )
     parser.add_argument("--output", default=None, help="also write the report to this file")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # run one row (a child process)
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
-        print(json.dumps(run_row(args)))
+        serve_row(args)
         return
 
     rows = [r for r in args.rows if r not in TRAINED_ONLY]
     rows += [f"trained-{r}" for r in args.rows if ROWS[r] is not None] if args.adapter else []
     torch.set_num_threads(args.threads)
-    peak = matmul_peak_gflops()
     lines = [
         f"# python bench/encode.py {' '.join(sys.argv[1:])}",
         f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.2f} at start",
-        f"fp32 matmul peak ({args.threads} threads): {peak:.1f} GFLOP/s",
     ]
-    failed = {}
+    failed, processes = {}, {}
     for row in rows:  # exports into the cache, so that no timed row pays for one
         if row.removeprefix("trained-").startswith("onnx"):
-            prepared = child(args, row, prepare=True)
-            if "error" in prepared:
-                failed[row] = prepared
-    results = [failed.get(row) or child(args, row) for row in rows]
-    for _ in range(args.rounds - 1):  # the rows again, in turn, so that a busy spell of a shared machine hits all
-        again = [failed.get(row) or child(args, row) for row in rows]
-        results = [max(r, a, key=lambda x: x.get("sentences_per_s", 0)) for r, a in zip(results, again, strict=True)]
+            try:
+                RowProcess(args, row, prepare=True).close()
+            except RowFailed as error:
+                failed[row] = {"row": row, "error": str(error)}
+    for row in [r for r in rows if r not in failed]:  # loaded one after the other: each load measured alone
+        try:
+            processes[row] = RowProcess(args, row)
+        except RowFailed as error:
+            failed[row] = {"row": row, "error": str(error)}
+
+    # Each round encodes the whole set with every row, part by part: on each part the rows take turns (the order
+    # reversed from one part to the next), and the fp32 matmul peak (square, and the model's own linear shapes) is
+    # measured right before each fp32 row. A ratio or a share of the peak then compares figures taken seconds
+    # apart, not minutes: this machine's speed drifts by up to 1.4x within a quarter of an hour.
+    shapes = next((p.loaded for p in processes.values() if "layer_shapes" in p.loaded), None)
+    timings = {row: [] for row in processes}
+    step = 0
+    for round_ in range(args.rounds):
+        for part in range(args.parts):
+            peaks = {}  # reference row -> (square peak, shapes peak), measured right before it
+            for row in list(processes)[:: 1 if step % 2 == 0 else -1]:
+                if row in ("fp32", "trained-fp32"):
+                    peaks[row] = (
+                        matmul_peak_gflops(seconds=1.5),
+                        shapes_peak_gflops(shapes["layer_shapes"], shapes["mean_batch_tokens"], seconds=1.5),
+                    )
+                try:
+                    timings[row].append({**processes[row].encode(part, args.parts), "round": round_, "part": part})
+                except RowFailed as error:
+                    failed[row] = {"row": row, "error": str(error)}
+                    del processes[row], timings[row]
+            for row, steps in timings.items():  # every row of this step gets its reference's peaks
+                square, own = peaks.get(reference_row(row), (None, None))
+                steps[-1].update(peak=square, shapes_peak=own)
+            step += 1
+    results = [{**processes[row].loaded, **processes[row].close(), "parts": timings[row]} for row in processes]
+
+    by_row = {r["row"]: r for r in results}
+    for r in results:
+        rounds = [sum(t["seconds"] for t in r["parts"] if t["round"] == k) for k in range(args.rounds)]
+        best = min(rounds)
+        reference = by_row.get(reference_row(r["row"]))
+        with_peak = [t for t in r["parts"] if t["peak"]]
+        r.update(
+            seconds=round(best, 2),
+            sentences_per_s=round(r["sentences"] / best, 1),
+            tokens_per_s=round(r["tokens"] / best, 1),
+            gflops=round(r["flops"] / best / 1e9, 1),
+            mfu_percent=round(median(100 * t["flops"] / t["seconds"] / 1e9 / t["peak"] for t in with_peak), 1)
+            if with_peak
+            else None,
+            of_shapes_peak_percent=round(
+                median(100 * t["flops"] / t["seconds"] / 1e9 / t["shapes_peak"] for t in with_peak), 1
+            )
+            if with_peak
+            else None,
+        )
+        # the row against fp32 on the same part, a few seconds apart; the median over every part of every round
+        per_part = (
+            [f["seconds"] / t["seconds"] for f, t in zip(reference["parts"], r["parts"], strict=True)]
+            if reference
+            else []
+        )
+        r["part_ratios"] = [round(x, 3) for x in per_part]
+        r["ratio_to_fp32"] = round(median(per_part), 3) if reference else None
+        r["best_round_ratio"] = round(min(reference_rounds(reference, args.rounds)) / best, 3) if reference else None
+        r["stsb_minus_fp32"] = round(r["stsb_spearman"] - reference["stsb_spearman"], 2) if reference else None
+
+    peaks = [t["peak"] for r in results if r["row"] == reference_row(r["row"]) for t in r["parts"]]
+    shapes_peaks = [t["shapes_peak"] for r in results if r["row"] == reference_row(r["row"]) for t in r["parts"]]
+    if peaks:
+        lines.append(
+            f"fp32 matmul peak ({args.threads} threads), measured right before each fp32 row on each part: median "
+            f"{median(peaks):.1f} GFLOP/s (range {min(peaks):.1f}-{max(peaks):.1f}); the model's own linear shapes "
+            f"({shapes['mean_batch_tokens']} tokens, an average batch): median {median(shapes_peaks):.1f} GFLOP/s"
+        )
     header = (
         f"{'row':<28}{'sent/s':>9}{'ratio':>8}{'MFU %':>8}{'STS-B':>8}{'dSTS':>7}{'load MB':>9}{'all MB':>8}"
         f"{'peak RSS':>10}"
     )
     lines += [header, "-" * len(header)]
-    for r in [r for r in results if "error" in r]:
-        lines.append(f"{r['row']:<28}failed: {r['error']}")
-    results = [r for r in results if "error" not in r]
-    fp32 = next((r for r in results if r["row"] == "fp32"), None)
-    shapes_peak = shapes_peak_gflops(fp32["layer_shapes"], fp32["mean_batch_tokens"]) if fp32 else None
-    if shapes_peak:
-        lines.insert(
-            3,
-            f"fp32 peak of the model's own linear shapes ({fp32['mean_batch_tokens']} tokens, an average batch): "
-            f"{shapes_peak:.1f} GFLOP/s ({100 * shapes_peak / peak:.0f} % of the square peak)",
-        )
+    lines += [f"{r['row']:<28}failed: {r['error']}" for r in failed.values()]
     for r in results:
-        reference = next(
-            (x for x in results if x["row"] == ("trained-fp32" if "trained" in r["row"] else "fp32")), None
-        )
-        r["ratio_to_fp32"] = round(r["sentences_per_s"] / reference["sentences_per_s"], 3) if reference else None
-        r["stsb_minus_fp32"] = round(r["stsb_spearman"] - reference["stsb_spearman"], 2) if reference else None
-        r["mfu_percent"] = round(100 * r["gflops"] / peak, 1)
-        r["of_shapes_peak_percent"] = round(100 * r["gflops"] / shapes_peak, 1) if shapes_peak else None
         lines.append(
-            f"{r['row']:<28}{r['sentences_per_s']:>9}{r['ratio_to_fp32'] or '':>8}{r['mfu_percent']:>8}"
+            f"{r['row']:<28}{r['sentences_per_s']:>9}{r['ratio_to_fp32'] or '':>8}{r['mfu_percent'] or '':>8}"
             f"{r['stsb_spearman']:>8}{r['stsb_minus_fp32'] if r['stsb_minus_fp32'] is not None else '':>7}"
             f"{r['loaded_mb']:>9}{r['all_weights_mb']:>8}{r['peak_rss_mb']:>10}"
         )
+    lines.append(
+        f"sent/s: the best of {args.rounds} rounds; ratio: the median over the {args.rounds} x {args.parts} parts of "
+        "the row's speed against fp32's on the same part (best round against best round: below); MFU: the median "
+        "over parts against the peak measured right before fp32 on that part"
+    )
+    lines += [
+        f"{r['row']}: best round against best round {r['best_round_ratio']}; ratio per part "
+        + " ".join(map(str, r["part_ratios"]))
+        for r in results
+        if r["row"] != reference_row(r["row"]) and r["part_ratios"]
+    ]
     for r in [r for r in results if "int8_kernel" in r]:
         kept = r["float_layers"]
         lines.append(
@@ -336,12 +472,13 @@ def main() -> None:
             + (f"; probe min cosine {r['probe_min_cosine']}" if "probe_min_cosine" in r else "")
         )
     lines += [
-        f"{r['row']}: {r['of_shapes_peak_percent']} % of the model's shapes' peak"
+        f"{r['row']}: {r['of_shapes_peak_percent']} % of the model's shapes' peak (median over parts)"
         for r in results
-        if r["of_shapes_peak_percent"] is not None and r["row"].endswith("fp32")
+        if r["row"].endswith("fp32") and r["of_shapes_peak_percent"] is not None
     ]
     lines.append("targets: int8 ratio >= 1.8 with |dSTS| <= 1; onnx-fp32 ratio >= 1.0 (sentence-transformers: causal)")
-    summary = {"matmul_peak_gflops": round(peak, 1), "shapes_peak_gflops": shapes_peak and round(shapes_peak, 1)}
+    summary = {"matmul_peak_gflops": peaks and round(median(peaks), 1)}
+    summary["shapes_peak_gflops"] = shapes_peaks and round(median(shapes_peaks), 1)
     lines.append(json.dumps({**summary, "rows": results, "failed": list(failed.values())}))
     report = "\n".join(lines)
     print(report)

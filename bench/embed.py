@@ -1,7 +1,8 @@
 """Corpus embedding throughput: `decoder2vec embed` against `Encoder.encode` of the same rows, same run.
 
 The corpus is the shared Wikipedia sentences repeated to ``--rows`` rows, as JSONL with ids. In one process,
-alternating for ``--rounds`` rounds (so a shared machine's load hits both alike):
+after a small untimed job through both paths (one-time costs: imports, thread pools), alternating for ``--rounds``
+rounds, the order reversed every other round (so a shared machine's load hits both alike):
 
 * ``encode``: ``Encoder.encode`` of all the texts, already in memory (batch ``--batch-size``, length-sorted);
 * ``embed``: ``embed_corpus`` with the same loaded encoder, ``--workers 1``: the checking pass over the file,
@@ -15,13 +16,15 @@ ways:
   imported already), against ``engine="ray"`` (``ray.init`` not counted; the actor is a new process: its
   imports and model load are counted);
 * as commands: ``decoder2vec embed`` started as a new process for each engine (``--engine ray --address`` the
-  running cluster), timed from start to exit, so both pay their imports and model load.
+  running cluster), timed from start to exit, so both pay their imports and model load;
+* Ray's fixed cost a job: both engines on a job of two shards, whose time is mostly start-up.
 
 Last, the peak RSS of ``embed`` in a fresh process at ``--rows`` and at a tenth of them (memory bounded by the
 shard, not the corpus).
 
     python bench/embed.py --model smollm2-135m --rows 50000 [--threads 2] [--max-length 128]
     python bench/embed.py --model tiny --rows 50000      # a tiny random Llama: the pipeline's own overhead
+    python bench/embed.py --model tiny --rows 300000     # the same, a job of minutes: Ray's start-up amortized
 """
 
 from __future__ import annotations
@@ -115,17 +118,30 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     results: dict = {"rows": args.rows, "threads": args.threads, "model": args.model}
 
+    # a small job through both paths first, so that neither round 1 pays a one-time cost (imports, thread pools)
+    encoder.encode(texts[:2000], batch_size=args.batch_size, show_progress=False)
+    warm = root / "corpus-warm-up.jsonl"
+    write_corpus(warm, min(args.rows, 2 * args.shard_size))
+    timed_embed(warm, root / "out-warm-up", encoder=encoder, **common)
+
     # wall-clock seconds and this process's CPU seconds (all its threads): on a shared, loaded machine the CPU
-    # seconds are the fair measure of the work each path does
+    # seconds are the fair measure of the work each path does. The order alternates from round to round.
     encode_s, embed_s, encode_cpu, embed_cpu = [], [], [], []
-    for round_ in range(args.rounds):
+
+    def run_encode():
         start, cpu = time.perf_counter(), time.process_time()
         encoder.encode(texts, batch_size=args.batch_size, show_progress=False)
         encode_s.append(time.perf_counter() - start)
         encode_cpu.append(time.process_time() - cpu)
+
+    def run_embed():
         cpu = time.process_time()
         embed_s.append(timed_embed(corpus, root / "out-local", encoder=encoder, **common))
         embed_cpu.append(time.process_time() - cpu)
+
+    for round_ in range(args.rounds):
+        for step in (run_encode, run_embed) if round_ % 2 == 0 else (run_embed, run_encode):
+            step()
         print(f"round {round_ + 1}: encode {args.rows / encode_s[-1]:.1f} rows/s ({args.rows / encode_cpu[-1]:.1f} "
               f"rows per CPU-s), embed --workers 1 {args.rows / embed_s[-1]:.1f} rows/s ({args.rows / embed_cpu[-1]:.1f}"
               f" rows per CPU-s); ratio {encode_s[-1] / embed_s[-1]:.3f} wall, {encode_cpu[-1] / embed_cpu[-1]:.3f} CPU")  # fmt: skip
@@ -158,12 +174,20 @@ def main() -> None:
         )
         local_again = timed_embed(corpus, root / "out-local-3", workers=1, threads=args.threads, **options)
         local = (local + local_again) / 2
+        # the same two engines on the warm-up's two shards: what a job costs whatever its size (Ray: the actor's
+        # process start, imports and model load, the pipeline's planning)
+        small_local = timed_embed(warm, root / "out-small-local", workers=1, threads=args.threads, **options)
+        small_ray = timed_embed(warm, root / "out-small-ray", engine="ray", workers=1, threads=args.threads, **options)
+        results.update(small_job_rows=min(args.rows, 2 * args.shard_size), small_local_s=small_local)
+        results["small_ray_s"] = small_ray
         results.update(local_rows_s=args.rows / local, ray_rows_s=args.rows / on_ray, ray_overhead=on_ray / local - 1)
         results.update(ray_again_rows_s=args.rows / on_ray_again, ray_again_overhead=on_ray_again / local - 1)
         print(f"local (fresh model load, mean of 2): {args.rows / local:.1f} rows/s; ray (1 actor x {args.threads} "
               f"threads): {args.rows / on_ray:.1f} rows/s; overhead {100 * (on_ray / local - 1):+.1f}% (target <= 15%)")  # fmt: skip
         print(f"ray, a second job on the same cluster: {args.rows / on_ray_again:.1f} rows/s; overhead "
               f"{100 * (on_ray_again / local - 1):+.1f}%")  # fmt: skip
+        print(f"a job of {results['small_job_rows']} rows (two shards): local {small_local:.1f} s, ray {small_ray:.1f} s:"
+              f" Ray's fixed cost about {small_ray - small_local:.1f} s a job")  # fmt: skip
         if "commands" not in args.skip:  # the commands a user runs, each a new process (Ray's joins the cluster)
             address = ray.get_runtime_context().gcs_address
             command_local = timed_command(corpus, root / "out-cmd-local", folder, args)

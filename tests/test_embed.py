@@ -186,11 +186,9 @@ def test_rerun_skips_finished_shards_redoes_damaged_ones_and_refuses_other_setti
     assert read_manifest(tmp_path / "out")["planned_shards"] == 7
 
 
-def test_a_failed_write_stops_the_run_with_the_shards_before_it_recorded(encoder, tmp_path, monkeypatch):
-    # the helper thread writes shard k while the model encodes shard k+1: its error must still stop the run
+def _disk_full_at_shard_2(monkeypatch):
     import decoder2vec.embed as embed_module
 
-    path = _write(tmp_path / "c.txt", "text", TEXTS)
     write = embed_module.write_parquet_atomic
 
     def disk_full_at_shard_2(table, target):
@@ -199,12 +197,37 @@ def test_a_failed_write_stops_the_run_with_the_shards_before_it_recorded(encoder
         return write(table, target)
 
     monkeypatch.setattr(embed_module, "write_parquet_atomic", disk_full_at_shard_2)
+
+
+def test_a_failed_write_stops_the_run_with_the_shards_before_it_recorded(encoder, tmp_path, monkeypatch):
+    path = _write(tmp_path / "c.txt", "text", TEXTS)
+    _disk_full_at_shard_2(monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         embed_corpus(path, tmp_path / "out", encoder=encoder, shard_size=5)
     assert [r["index"] for r in read_manifest(tmp_path / "out")["shards"]] == [0, 1]
     monkeypatch.undo()
     assert embed_corpus(path, tmp_path / "out", encoder=encoder, shard_size=5)["complete"]
     np.testing.assert_allclose(_vectors(read_embeddings(tmp_path / "out")), encoder.encode(TEXTS), atol=1e-5)
+
+
+def test_a_failed_write_on_the_helper_thread_stops_an_overlapped_run(encoder, tmp_path, monkeypatch):
+    # overlapped (the default on a GPU): the helper thread writes shard k while the model encodes shard k+1
+    from decoder2vec.embed import EmbedSettings, ShardEmbedder, list_inputs, plan_shards
+
+    path = _write(tmp_path / "c.txt", "text", TEXTS)
+    settings = EmbedSettings(shard_size=5)
+    shards = plan_shards(list_inputs(path), settings)
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    _disk_full_at_shard_2(monkeypatch)
+    records = []
+    with pytest.raises(OSError, match="disk full"):
+        ShardEmbedder(encoder, settings, tmp_path / "out").run(shards, records.append, overlap=True)
+    assert [r["index"] for r in records] == [0, 1]
+    monkeypatch.undo()
+    records = []
+    ShardEmbedder(encoder, settings, tmp_path / "out").run(shards, records.append, overlap=True)
+    table = pa.concat_tables([pq.read_table(tmp_path / "out" / r["file"]) for r in records])
+    np.testing.assert_allclose(_vectors(table), encoder.encode(TEXTS), atol=1e-5)
 
 
 def test_one_embedder_called_from_two_threads_gives_the_plain_vectors(encoder, tmp_path):

@@ -18,9 +18,9 @@ How a run goes:
    shards it lists whose file is intact (same size and sha256) are kept, the others are embedded.
 3. **Embed** each pending shard: read its rows from its start offset, sort them by token length, encode in
    batches, write the vectors back in input order to a hidden temporary file, rename it, then record the shard
-   in the manifest (rewritten atomically). A helper thread reads the next shard and writes the previous one
-   while the model encodes (:class:`ShardEmbedder`), so memory holds at most three shards per worker, whatever
-   the corpus size.
+   in the manifest (rewritten atomically). On a GPU a helper thread reads the next shard and writes the previous
+   one while the model encodes (:class:`ShardEmbedder`); on the CPU the steps run in turn. Memory holds at most
+   three shards per worker, whatever the corpus size.
 
 Parallelism: ``workers=1`` runs in the calling process; ``workers=N`` starts N processes that each load the
 encoder and read, embed and write whole shards (CPU: the torch threads are split between them; CUDA: one
@@ -578,7 +578,7 @@ class ShardEmbedder:
 
     A shard goes through three steps: :meth:`read` (its rows, tokenized), :meth:`encode` (the model),
     :meth:`write` (Parquet under a temporary name, fsync, sha256, rename). Steps of different shards may run in
-    different threads at once (:meth:`run`, or a Ray actor taking two calls at a time): the tokenizer and the
+    different threads at once (:meth:`run` on a GPU, or two calls at once): the tokenizer and the
     model are each used by one thread at a time, so one shard's reading and writing overlap another's encoding
     while every shard's vectors are those of a plain run.
     """
@@ -617,13 +617,22 @@ class ShardEmbedder:
         del features
         return self.write(shard, ids, texts, vectors)
 
-    def run(self, shards: Iterable[Shard], on_shard, on_rows=None) -> None:
+    def run(self, shards: Iterable[Shard], on_shard, on_rows=None, overlap: bool | None = None) -> None:
         """Embed ``shards`` in order; ``on_shard(record)`` is called once each shard's file is in place.
 
-        The model runs in the calling thread (an interrupt stops it at once); one helper thread reads and
-        tokenizes the next shard and writes the previous one meanwhile, and calls ``on_shard``. Memory holds at
-        most three shards: the one being read, the one being encoded and the one being written.
+        The model runs in the calling thread (an interrupt stops it at once). With ``overlap`` (the default on a
+        GPU), one helper thread reads and tokenizes the next shard and writes the previous one meanwhile, and calls
+        ``on_shard``; memory holds at most three shards: the one being read, the one being encoded and the one being
+        written. On the CPU (the default there: no overlap) the model's threads already use every core, and a
+        helper thread only competes with them: 20,000 rows took 41.6 s overlapped against 36.8 s one step after the
+        other (tiny model, 2 cores, 3 rounds alternated, 2026-12-03).
         """
+        if overlap is None:
+            overlap = self.encoder.device.type != "cpu"
+        if not overlap:
+            for shard in shards:
+                on_shard(self(shard, on_rows))
+            return
         from concurrent.futures import ThreadPoolExecutor
 
         shards = iter(shards)

@@ -280,8 +280,9 @@ def reference_row(row: str) -> str:
     return "trained-fp32" if row.startswith("trained-") else "fp32"
 
 
-def reference_rounds(reference: dict, rounds: int) -> list[float]:
-    return [sum(t["seconds"] for t in reference["parts"] if t["round"] == k) for k in range(rounds)]
+def round_seconds(result: dict, rounds: int) -> list[float]:
+    """A row's seconds for the whole set in each round: the sum of its parts."""
+    return [sum(t["seconds"] for t in result["parts"] if t["round"] == k) for k in range(rounds)]
 
 
 class RowProcess:
@@ -404,8 +405,7 @@ def main() -> None:
 
     by_row = {r["row"]: r for r in results}
     for r in results:
-        rounds = [sum(t["seconds"] for t in r["parts"] if t["round"] == k) for k in range(args.rounds)]
-        best = min(rounds)
+        best = min(round_seconds(r, args.rounds))
         reference = by_row.get(reference_row(r["row"]))
         with_peak = [t for t in r["parts"] if t["peak"]]
         r.update(
@@ -430,7 +430,7 @@ def main() -> None:
         )
         r["part_ratios"] = [round(x, 3) for x in per_part]
         r["ratio_to_fp32"] = round(median(per_part), 3) if reference else None
-        r["best_round_ratio"] = round(min(reference_rounds(reference, args.rounds)) / best, 3) if reference else None
+        r["best_round_ratio"] = round(min(round_seconds(reference, args.rounds)) / best, 3) if reference else None
         r["stsb_minus_fp32"] = round(r["stsb_spearman"] - reference["stsb_spearman"], 2) if reference else None
 
     peaks = [t["peak"] for r in results if r["row"] == reference_row(r["row"]) for t in r["parts"]]

@@ -120,8 +120,8 @@ def main() -> None:
 
     # a small job through both paths first, so that neither round 1 pays a one-time cost (imports, thread pools)
     encoder.encode(texts[:2000], batch_size=args.batch_size, show_progress=False)
-    warm = root / "corpus-warm-up.jsonl"
-    write_corpus(warm, min(args.rows, 2 * args.shard_size))
+    warm, warm_rows = root / "corpus-warm-up.jsonl", min(args.rows, 2 * args.shard_size)
+    write_corpus(warm, warm_rows)
     timed_embed(warm, root / "out-warm-up", encoder=encoder, **common)
 
     # wall-clock seconds and this process's CPU seconds (all its threads): on a shared, loaded machine the CPU
@@ -178,15 +178,14 @@ def main() -> None:
         # process start, imports and model load, the pipeline's planning)
         small_local = timed_embed(warm, root / "out-small-local", workers=1, threads=args.threads, **options)
         small_ray = timed_embed(warm, root / "out-small-ray", engine="ray", workers=1, threads=args.threads, **options)
-        results.update(small_job_rows=min(args.rows, 2 * args.shard_size), small_local_s=small_local)
-        results["small_ray_s"] = small_ray
+        results.update(small_job_rows=warm_rows, small_local_s=small_local, small_ray_s=small_ray)
         results.update(local_rows_s=args.rows / local, ray_rows_s=args.rows / on_ray, ray_overhead=on_ray / local - 1)
         results.update(ray_again_rows_s=args.rows / on_ray_again, ray_again_overhead=on_ray_again / local - 1)
         print(f"local (fresh model load, mean of 2): {args.rows / local:.1f} rows/s; ray (1 actor x {args.threads} "
               f"threads): {args.rows / on_ray:.1f} rows/s; overhead {100 * (on_ray / local - 1):+.1f}% (target <= 15%)")  # fmt: skip
         print(f"ray, a second job on the same cluster: {args.rows / on_ray_again:.1f} rows/s; overhead "
               f"{100 * (on_ray_again / local - 1):+.1f}%")  # fmt: skip
-        print(f"a job of {results['small_job_rows']} rows (two shards): local {small_local:.1f} s, ray {small_ray:.1f} s:"
+        print(f"a job of {warm_rows} rows (two shards): local {small_local:.1f} s, ray {small_ray:.1f} s:"
               f" Ray's fixed cost about {small_ray - small_local:.1f} s a job")  # fmt: skip
         if "commands" not in args.skip:  # the commands a user runs, each a new process (Ray's joins the cluster)
             address = ray.get_runtime_context().gcs_address

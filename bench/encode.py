@@ -285,6 +285,13 @@ def round_seconds(result: dict, rounds: int) -> list[float]:
     return [sum(t["seconds"] for t in result["parts"] if t["round"] == k) for k in range(rounds)]
 
 
+def share_of_peak(result: dict, peak: str) -> float | None:
+    """The median over a row's parts of its GFLOP/s as a share (%) of ``peak`` (``peak`` or ``shapes_peak``), as
+    measured on that part; None without a measured peak (no fp32 reference row)."""
+    shares = [100 * t["flops"] / t["seconds"] / 1e9 / t[peak] for t in result["parts"] if t[peak]]
+    return round(median(shares), 1) if shares else None
+
+
 class RowProcess:
     """One row's process, alive for the whole run: it loads its model once, then encodes a part of the set when
     asked, so that the rows are timed on each part one right after the other."""
@@ -407,20 +414,13 @@ def main() -> None:
     for r in results:
         best = min(round_seconds(r, args.rounds))
         reference = by_row.get(reference_row(r["row"]))
-        with_peak = [t for t in r["parts"] if t["peak"]]
         r.update(
             seconds=round(best, 2),
             sentences_per_s=round(r["sentences"] / best, 1),
             tokens_per_s=round(r["tokens"] / best, 1),
             gflops=round(r["flops"] / best / 1e9, 1),
-            mfu_percent=round(median(100 * t["flops"] / t["seconds"] / 1e9 / t["peak"] for t in with_peak), 1)
-            if with_peak
-            else None,
-            of_shapes_peak_percent=round(
-                median(100 * t["flops"] / t["seconds"] / 1e9 / t["shapes_peak"] for t in with_peak), 1
-            )
-            if with_peak
-            else None,
+            mfu_percent=share_of_peak(r, "peak"),
+            of_shapes_peak_percent=share_of_peak(r, "shapes_peak"),
         )
         # the row against fp32 on the same part, a few seconds apart; the median over every part of every round
         per_part = (

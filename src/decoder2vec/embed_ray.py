@@ -16,16 +16,15 @@ The driver runs::
 
 Each actor is a :class:`decoder2vec.embed.ShardEmbedder` that embeds one shard at a time, with the next one already
 queued at the actor. (Two calls at a time, so that one shard's reading and writing overlap another's encoding as in
-the local engine, was slower in an actor: every forward pass ran 1.5-2x longer while a second call was in the actor,
-36-42 s against 27-37 s for 50,000 rows on a tiny model, alternated over 3 rounds, 2026-12-02.) An actor reads
-its shard from the input, embeds it and writes its Parquet file (temporary name, rename); its output row is the
-shard's manifest record. The handover
-is a small actor between the two sides: the pipeline's actors give it their encoder settings (no second model
-load just to read them), the driver gives it the shards to embed once the output folder is checked, so nothing
-is written before the check and a folder made with other settings is the same clear error as with the local
-engine. Each shard is a separate file written atomically, so the output folder has the same layout and manifest
-as a local run and can be resumed by either engine. Input files and the output folder must be reachable from
-every node (a shared file system, or a path mounted on each node).
+the local engine on a GPU, was slower in an actor: every forward pass ran 1.5-2x longer while a second call was in
+the actor, 36-42 s against 27-37 s for 50,000 rows on a tiny model, alternated over 3 rounds, 2026-12-02.) An actor
+reads its shard from the input, embeds it and writes its Parquet file (temporary name, rename); its output row is
+the shard's manifest record. The handover is a small actor between the two sides: the pipeline's actors give it
+their encoder settings (no second model load just to read them), the driver gives it the shards to embed once the
+output folder is checked, so nothing is written before the check and a folder made with other settings is the same
+clear error as with the local engine. Each shard is a separate file written atomically, so the output folder has the
+same layout and manifest as a local run and can be resumed by either engine. Input files and the output folder must
+be reachable from every node (a shared file system, or a path mounted on each node).
 
 Why Ray Data: Ray schedules the actor pool over the cluster's nodes (GPUs included), restarts a lost actor and
 retries its shards, and moves the records through its object store, without scheduling code of ours. What the

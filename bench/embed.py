@@ -9,22 +9,23 @@ rounds, the order reversed every other round (so a shared machine's load hits bo
   reading each shard, encoding, writing Parquet, the manifest; ratio embed / encode (target >= 0.95).
 
 Then ``--workers 2`` with 1 thread each against 1 worker with ``--threads`` threads (fresh processes: model
-loads included), ``--engine ray`` on a local Ray cluster against local (target: <= 15 % slower), measured two
+loads included), and ``--engine ray`` on a local Ray cluster against local (target: <= 15 % slower), measured two
 ways:
 
-* in this process, as before: ``embed_corpus`` with a fresh model load (this process has torch and transformers
-  imported already), against ``engine="ray"`` (``ray.init`` not counted; the actor is a new process: its
-  imports and model load are counted);
+* in this process: ``--rounds`` rounds of a local job and a Ray job, the order reversed every other round, each job
+  with a fresh model load (this process has torch and transformers imported already; Ray's actor is a new process,
+  whose imports and model load count; ``ray.init`` is not counted). Each round also runs both engines on a job of
+  two shards; from the two job sizes, each engine's fixed cost a job (start-up, shut-down) and steady rate, and
+  the job size at which Ray's overhead falls to 15 %;
 * as commands: ``decoder2vec embed`` started as a new process for each engine (``--engine ray --address`` the
-  running cluster), timed from start to exit, so both pay their imports and model load;
-* Ray's fixed cost a job: both engines on a job of two shards, whose time is mostly start-up.
+  running cluster), timed from start to exit, so both pay their imports and model load.
 
 Last, the peak RSS of ``embed`` in a fresh process at ``--rows`` and at a tenth of them (memory bounded by the
 shard, not the corpus).
 
     python bench/embed.py --model smollm2-135m --rows 50000 [--threads 2] [--max-length 128]
     python bench/embed.py --model tiny --rows 50000      # a tiny random Llama: the pipeline's own overhead
-    python bench/embed.py --model tiny --rows 300000     # the same, a job of minutes: Ray's start-up amortized
+    python bench/embed.py --model tiny --rows 300000 --skip ratio workers rss   # Ray's start-up amortized
 """
 
 from __future__ import annotations
@@ -95,6 +96,16 @@ def timed_embed(corpus, out, **options) -> float:
     return time.perf_counter() - start
 
 
+def fixed_and_rate(big_s: list[float], small_s: list[float], rows: int, small_rows: int) -> tuple[float, float]:
+    """An engine's fixed cost a job (s) and steady rate (rows/s), from jobs of two sizes: seconds = fixed + rows / rate.
+
+    Both from ``time.perf_counter``: this VM is sometimes paused for tens of seconds, which the wall clock (and so
+    file times) counts and ``perf_counter`` does not."""
+    big, small = sum(big_s) / len(big_s), sum(small_s) / len(small_s)
+    rate = (rows - small_rows) / (big - small)
+    return small - small_rows / rate, rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="model folder or short name, or 'tiny'")
@@ -104,7 +115,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--skip", nargs="*", default=[], help="any of: workers ray commands rss")
+    parser.add_argument("--skip", nargs="*", default=[], help="any of: ratio workers ray commands rss")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench-embed-"))
@@ -139,17 +150,18 @@ def main() -> None:
         embed_s.append(timed_embed(corpus, root / "out-local", encoder=encoder, **common))
         embed_cpu.append(time.process_time() - cpu)
 
-    for round_ in range(args.rounds):
-        for step in (run_encode, run_embed) if round_ % 2 == 0 else (run_embed, run_encode):
-            step()
-        print(f"round {round_ + 1}: encode {args.rows / encode_s[-1]:.1f} rows/s ({args.rows / encode_cpu[-1]:.1f} "
-              f"rows per CPU-s), embed --workers 1 {args.rows / embed_s[-1]:.1f} rows/s ({args.rows / embed_cpu[-1]:.1f}"
-              f" rows per CPU-s); ratio {encode_s[-1] / embed_s[-1]:.3f} wall, {encode_cpu[-1] / embed_cpu[-1]:.3f} CPU")  # fmt: skip
-    ratio, cpu_ratio = sum(encode_s) / sum(embed_s), sum(encode_cpu) / sum(embed_cpu)
-    results.update(encode_rows_s=args.rows / min(encode_s), embed_rows_s=args.rows / min(embed_s), ratio=ratio)
-    results.update(encode_rows_cpu_s=args.rows / min(encode_cpu), embed_rows_cpu_s=args.rows / min(embed_cpu))
-    results["cpu_ratio"] = cpu_ratio
-    print(f"embed / encode throughput (all rounds): {ratio:.3f} wall, {cpu_ratio:.3f} CPU (target >= 0.95)")
+    if "ratio" not in args.skip:
+        for round_ in range(args.rounds):
+            for step in (run_encode, run_embed) if round_ % 2 == 0 else (run_embed, run_encode):
+                step()
+            print(f"round {round_ + 1}: encode {args.rows / encode_s[-1]:.1f} rows/s ({args.rows / encode_cpu[-1]:.1f} "
+                  f"rows per CPU-s), embed --workers 1 {args.rows / embed_s[-1]:.1f} rows/s ({args.rows / embed_cpu[-1]:.1f}"
+                  f" rows per CPU-s); ratio {encode_s[-1] / embed_s[-1]:.3f} wall, {encode_cpu[-1] / embed_cpu[-1]:.3f} CPU")  # fmt: skip
+        ratio, cpu_ratio = sum(encode_s) / sum(embed_s), sum(encode_cpu) / sum(embed_cpu)
+        results.update(encode_rows_s=args.rows / min(encode_s), embed_rows_s=args.rows / min(embed_s), ratio=ratio)
+        results.update(encode_rows_cpu_s=args.rows / min(encode_cpu), embed_rows_cpu_s=args.rows / min(embed_cpu))
+        results["cpu_ratio"] = cpu_ratio
+        print(f"embed / encode throughput (all rounds): {ratio:.3f} wall, {cpu_ratio:.3f} CPU (target >= 0.95)")
 
     options = {"model": folder, "encoder_options": {"max_length": args.max_length}, **common}
     if "workers" not in args.skip:
@@ -165,28 +177,38 @@ def main() -> None:
         start = time.perf_counter()
         ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
         print(f"ray.init: {time.perf_counter() - start:.1f} s (not counted)")
-        local = timed_embed(corpus, root / "out-local-2", workers=1, threads=args.threads, **options)
-        on_ray = timed_embed(corpus, root / "out-ray", engine="ray", workers=1, threads=args.threads, **options)
-        # a second job on the same cluster: Ray keeps the first job's worker processes (torch and transformers
-        # imported), so this one shows Ray's cost without the workers' start-up
-        on_ray_again = timed_embed(
-            corpus, root / "out-ray-2", engine="ray", workers=1, threads=args.threads, **options
-        )
-        local_again = timed_embed(corpus, root / "out-local-3", workers=1, threads=args.threads, **options)
-        local = (local + local_again) / 2
-        # the same two engines on the warm-up's two shards: what a job costs whatever its size (Ray: the actor's
-        # process start, imports and model load, the pipeline's planning)
-        small_local = timed_embed(warm, root / "out-small-local", workers=1, threads=args.threads, **options)
-        small_ray = timed_embed(warm, root / "out-small-ray", engine="ray", workers=1, threads=args.threads, **options)
-        results.update(small_job_rows=warm_rows, small_local_s=small_local, small_ray_s=small_ray)
-        results.update(local_rows_s=args.rows / local, ray_rows_s=args.rows / on_ray, ray_overhead=on_ray / local - 1)
-        results.update(ray_again_rows_s=args.rows / on_ray_again, ray_again_overhead=on_ray_again / local - 1)
-        print(f"local (fresh model load, mean of 2): {args.rows / local:.1f} rows/s; ray (1 actor x {args.threads} "
-              f"threads): {args.rows / on_ray:.1f} rows/s; overhead {100 * (on_ray / local - 1):+.1f}% (target <= 15%)")  # fmt: skip
-        print(f"ray, a second job on the same cluster: {args.rows / on_ray_again:.1f} rows/s; overhead "
-              f"{100 * (on_ray_again / local - 1):+.1f}%")  # fmt: skip
-        print(f"a job of {warm_rows} rows (two shards): local {small_local:.1f} s, ray {small_ray:.1f} s:"
-              f" Ray's fixed cost about {small_ray - small_local:.1f} s a job")  # fmt: skip
+        # each job with a fresh model load (this process has torch and transformers imported already; Ray's actor is
+        # a new process, whose imports and model load count); the order alternates from round to round
+        big: dict[str, list[float]] = {"local": [], "ray": []}
+        small: dict[str, list[float]] = {"local": [], "ray": []}
+        for round_ in range(args.rounds):
+            for engine in ("local", "ray") if round_ % 2 == 0 else ("ray", "local"):
+                options_ = {"engine": engine, "threads": args.threads, **options}
+                big[engine].append(timed_embed(corpus, root / f"out-{engine}-{round_}", **options_))
+                small[engine].append(timed_embed(warm, root / f"out-{engine}-small-{round_}", **options_))
+            local, on_ray = big["local"][-1], big["ray"][-1]
+            print(f"ray round {round_ + 1}: local {args.rows / local:.1f} rows/s, ray (1 actor x {args.threads} threads) "
+                  f"{args.rows / on_ray:.1f} rows/s: overhead {100 * (on_ray / local - 1):+.1f}%; a job of {warm_rows} "
+                  f"rows: local {small['local'][-1]:.1f} s, ray {small['ray'][-1]:.1f} s")  # fmt: skip
+        overhead = sum(big["ray"]) / sum(big["local"]) - 1
+        local_fixed, local_rate = fixed_and_rate(big["local"], small["local"], args.rows, warm_rows)
+        ray_fixed, ray_rate = fixed_and_rate(big["ray"], small["ray"], args.rows, warm_rows)
+        steady = local_rate / ray_rate - 1
+        results.update(local_rows_s=args.rows * args.rounds / sum(big["local"]))
+        results.update(ray_rows_s=args.rows * args.rounds / sum(big["ray"]), ray_overhead=overhead)
+        results.update(small_job_rows=warm_rows, small_local_s=small["local"], small_ray_s=small["ray"])
+        results.update(local_fixed_s=local_fixed, ray_fixed_s=ray_fixed, ray_steady_overhead=steady)
+        print(f"ray against local, all rounds: overhead {100 * overhead:+.1f}% (target <= 15%); from the two job sizes: "
+              f"steady state {ray_rate:.1f} against {local_rate:.1f} rows/s ({100 * steady:+.1f}%), fixed cost a job "
+              f"{ray_fixed:.1f} s against {local_fixed:.1f} s")  # fmt: skip
+        # rows at which Ray's fixed cost and steady rate give 15 %: rows / r_ray + f_ray = 1.15 (rows / r + f)
+        gap = 1.15 / local_rate - 1 / ray_rate
+        if gap > 0:
+            rows_at_15 = max(0.0, (ray_fixed - 1.15 * local_fixed) / gap)
+            results["ray_15_percent_rows"] = round(rows_at_15)
+            print(f"at these rates, Ray's overhead is 15 % or less from {rows_at_15:,.0f} rows a job")
+        else:
+            print("at these rates, Ray's steady state alone is over 15 % slower than local")
         if "commands" not in args.skip:  # the commands a user runs, each a new process (Ray's joins the cluster)
             address = ray.get_runtime_context().gcs_address
             command_local = timed_command(corpus, root / "out-cmd-local", folder, args)

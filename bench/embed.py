@@ -106,6 +106,25 @@ def fixed_and_rate(big_s: list[float], small_s: list[float], rows: int, small_ro
     return small - small_rows / rate, rate
 
 
+def report_fixed_and_rate(big: dict, small: dict, rows: int, small_rows: int, results: dict) -> None:
+    """Print (and add to ``results``) each engine's fixed cost and steady rate, and the job size from which Ray
+    is within 15 % of local."""
+    local_fixed, local_rate = fixed_and_rate(big["local"], small["local"], rows, small_rows)
+    ray_fixed, ray_rate = fixed_and_rate(big["ray"], small["ray"], rows, small_rows)
+    steady = local_rate / ray_rate - 1
+    results.update(local_fixed_s=local_fixed, ray_fixed_s=ray_fixed, ray_steady_overhead=steady)
+    print(f"from the two job sizes: steady state {ray_rate:.1f} against {local_rate:.1f} rows/s ({100 * steady:+.1f}%),"
+          f" fixed cost a job {ray_fixed:.1f} s against {local_fixed:.1f} s")  # fmt: skip
+    # rows at which Ray's fixed cost and steady rate give 15 %: rows / r_ray + f_ray = 1.15 (rows / r + f)
+    gap = 1.15 / local_rate - 1 / ray_rate
+    if gap > 0:
+        rows_at_15 = max(0.0, (ray_fixed - 1.15 * local_fixed) / gap)
+        results["ray_15_percent_rows"] = round(rows_at_15)
+        print(f"at these rates, Ray's overhead is 15 % or less from {rows_at_15:,.0f} rows a job")
+    else:
+        print("at these rates, Ray's steady state alone is over 15 % slower than local")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="model folder or short name, or 'tiny'")
@@ -183,32 +202,20 @@ def main() -> None:
         small: dict[str, list[float]] = {"local": [], "ray": []}
         for round_ in range(args.rounds):
             for engine in ("local", "ray") if round_ % 2 == 0 else ("ray", "local"):
-                options_ = {"engine": engine, "threads": args.threads, **options}
-                big[engine].append(timed_embed(corpus, root / f"out-{engine}-{round_}", **options_))
-                small[engine].append(timed_embed(warm, root / f"out-{engine}-small-{round_}", **options_))
+                job = {"engine": engine, "workers": 1, "threads": args.threads, **options}
+                big[engine].append(timed_embed(corpus, root / f"out-{engine}-{round_}", **job))
+                small[engine].append(timed_embed(warm, root / f"out-{engine}-small-{round_}", **job))
             local, on_ray = big["local"][-1], big["ray"][-1]
             print(f"ray round {round_ + 1}: local {args.rows / local:.1f} rows/s, ray (1 actor x {args.threads} threads) "
                   f"{args.rows / on_ray:.1f} rows/s: overhead {100 * (on_ray / local - 1):+.1f}%; a job of {warm_rows} "
                   f"rows: local {small['local'][-1]:.1f} s, ray {small['ray'][-1]:.1f} s")  # fmt: skip
         overhead = sum(big["ray"]) / sum(big["local"]) - 1
-        local_fixed, local_rate = fixed_and_rate(big["local"], small["local"], args.rows, warm_rows)
-        ray_fixed, ray_rate = fixed_and_rate(big["ray"], small["ray"], args.rows, warm_rows)
-        steady = local_rate / ray_rate - 1
         results.update(local_rows_s=args.rows * args.rounds / sum(big["local"]))
         results.update(ray_rows_s=args.rows * args.rounds / sum(big["ray"]), ray_overhead=overhead)
         results.update(small_job_rows=warm_rows, small_local_s=small["local"], small_ray_s=small["ray"])
-        results.update(local_fixed_s=local_fixed, ray_fixed_s=ray_fixed, ray_steady_overhead=steady)
-        print(f"ray against local, all rounds: overhead {100 * overhead:+.1f}% (target <= 15%); from the two job sizes: "
-              f"steady state {ray_rate:.1f} against {local_rate:.1f} rows/s ({100 * steady:+.1f}%), fixed cost a job "
-              f"{ray_fixed:.1f} s against {local_fixed:.1f} s")  # fmt: skip
-        # rows at which Ray's fixed cost and steady rate give 15 %: rows / r_ray + f_ray = 1.15 (rows / r + f)
-        gap = 1.15 / local_rate - 1 / ray_rate
-        if gap > 0:
-            rows_at_15 = max(0.0, (ray_fixed - 1.15 * local_fixed) / gap)
-            results["ray_15_percent_rows"] = round(rows_at_15)
-            print(f"at these rates, Ray's overhead is 15 % or less from {rows_at_15:,.0f} rows a job")
-        else:
-            print("at these rates, Ray's steady state alone is over 15 % slower than local")
+        print(f"ray against local, all rounds: overhead {100 * overhead:+.1f}% (target <= 15%)")
+        if args.rows > warm_rows:  # two job sizes: each engine's fixed cost a job and steady rate
+            report_fixed_and_rate(big, small, args.rows, warm_rows, results)
         if "commands" not in args.skip:  # the commands a user runs, each a new process (Ray's joins the cluster)
             address = ray.get_runtime_context().gcs_address
             command_local = timed_command(corpus, root / "out-cmd-local", folder, args)

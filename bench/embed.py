@@ -106,11 +106,11 @@ def fixed_and_rate(big_s: list[float], small_s: list[float], rows: int, small_ro
     return small - small_rows / rate, rate
 
 
-def report_fixed_and_rate(big: dict, small: dict, rows: int, small_rows: int, results: dict) -> None:
+def report_fixed_and_rate(large_jobs: dict, small_jobs: dict, rows: int, small_rows: int, results: dict) -> None:
     """Print (and add to ``results``) each engine's fixed cost and steady rate, and the job size from which Ray
     is within 15 % of local."""
-    local_fixed, local_rate = fixed_and_rate(big["local"], small["local"], rows, small_rows)
-    ray_fixed, ray_rate = fixed_and_rate(big["ray"], small["ray"], rows, small_rows)
+    local_fixed, local_rate = fixed_and_rate(large_jobs["local"], small_jobs["local"], rows, small_rows)
+    ray_fixed, ray_rate = fixed_and_rate(large_jobs["ray"], small_jobs["ray"], rows, small_rows)
     steady = local_rate / ray_rate - 1
     results.update(local_fixed_s=local_fixed, ray_fixed_s=ray_fixed, ray_steady_overhead=steady)
     print(f"from the two job sizes: steady state {ray_rate:.1f} against {local_rate:.1f} rows/s ({100 * steady:+.1f}%),"
@@ -198,24 +198,24 @@ def main() -> None:
         print(f"ray.init: {time.perf_counter() - start:.1f} s (not counted)")
         # each job with a fresh model load (this process has torch and transformers imported already; Ray's actor is
         # a new process, whose imports and model load count); the order alternates from round to round
-        big: dict[str, list[float]] = {"local": [], "ray": []}
-        small: dict[str, list[float]] = {"local": [], "ray": []}
+        large_jobs: dict[str, list[float]] = {"local": [], "ray": []}
+        small_jobs: dict[str, list[float]] = {"local": [], "ray": []}
         for round_ in range(args.rounds):
             for engine in ("local", "ray") if round_ % 2 == 0 else ("ray", "local"):
                 job = {"engine": engine, "workers": 1, "threads": args.threads, **options}
-                big[engine].append(timed_embed(corpus, root / f"out-{engine}-{round_}", **job))
-                small[engine].append(timed_embed(warm, root / f"out-{engine}-small-{round_}", **job))
-            local, on_ray = big["local"][-1], big["ray"][-1]
+                large_jobs[engine].append(timed_embed(corpus, root / f"out-{engine}-{round_}", **job))
+                small_jobs[engine].append(timed_embed(warm, root / f"out-{engine}-small_jobs-{round_}", **job))
+            local, on_ray = large_jobs["local"][-1], large_jobs["ray"][-1]
             print(f"ray round {round_ + 1}: local {args.rows / local:.1f} rows/s, ray (1 actor x {args.threads} threads) "
                   f"{args.rows / on_ray:.1f} rows/s: overhead {100 * (on_ray / local - 1):+.1f}%; a job of {warm_rows} "
-                  f"rows: local {small['local'][-1]:.1f} s, ray {small['ray'][-1]:.1f} s")  # fmt: skip
-        overhead = sum(big["ray"]) / sum(big["local"]) - 1
-        results.update(local_rows_s=args.rows * args.rounds / sum(big["local"]))
-        results.update(ray_rows_s=args.rows * args.rounds / sum(big["ray"]), ray_overhead=overhead)
-        results.update(small_job_rows=warm_rows, small_local_s=small["local"], small_ray_s=small["ray"])
+                  f"rows: local {small_jobs['local'][-1]:.1f} s, ray {small_jobs['ray'][-1]:.1f} s")  # fmt: skip
+        overhead = sum(large_jobs["ray"]) / sum(large_jobs["local"]) - 1
+        results.update(local_rows_s=args.rows * args.rounds / sum(large_jobs["local"]))
+        results.update(ray_rows_s=args.rows * args.rounds / sum(large_jobs["ray"]), ray_overhead=overhead)
+        results.update(small_job_rows=warm_rows, small_local_s=small_jobs["local"], small_ray_s=small_jobs["ray"])
         print(f"ray against local, all rounds: overhead {100 * overhead:+.1f}% (target <= 15%)")
         if args.rows > warm_rows:  # two job sizes: each engine's fixed cost a job and steady rate
-            report_fixed_and_rate(big, small, args.rows, warm_rows, results)
+            report_fixed_and_rate(large_jobs, small_jobs, args.rows, warm_rows, results)
         if "commands" not in args.skip:  # the commands a user runs, each a new process (Ray's joins the cluster)
             address = ray.get_runtime_context().gcs_address
             command_local = timed_command(corpus, root / "out-cmd-local", folder, args)

@@ -392,10 +392,10 @@ def main() -> None:
     step = 0
     for round_ in range(args.rounds):
         for part in range(args.parts):
-            peaks = {}  # reference row -> (square peak, shapes peak), measured right before it
+            part_peaks = {}  # reference row -> (square peak, shapes peak), measured right before it
             for row in list(processes)[:: 1 if step % 2 == 0 else -1]:
                 if row in ("fp32", "trained-fp32"):
-                    peaks[row] = (
+                    part_peaks[row] = (
                         matmul_peak_gflops(seconds=1.5),
                         shapes_peak_gflops(shapes["layer_shapes"], shapes["mean_batch_tokens"], seconds=1.5),
                     )
@@ -405,7 +405,7 @@ def main() -> None:
                     failed[row] = {"row": row, "error": str(error)}
                     del processes[row], timings[row]
             for row, steps in timings.items():  # every row of this step gets its reference's peaks
-                square, own = peaks.get(reference_row(row), (None, None))
+                square, own = part_peaks.get(reference_row(row), (None, None))
                 steps[-1].update(peak=square, shapes_peak=own)
             step += 1
     results = [{**processes[row].loaded, **processes[row].close(), "parts": timings[row]} for row in processes]
